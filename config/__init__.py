@@ -1,0 +1,1 @@
+"""The gateway's configuration: a schema of frozen dataclasses and a TOML loader."""

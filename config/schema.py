@@ -1,0 +1,122 @@
+"""The configuration schema: frozen dataclasses, one per TOML table.
+
+Every path is absolute once loaded (relative paths in a file are resolved against the
+directory of that file). Secrets are never values here: only the path of a file or the
+name of an environment variable that holds them (`SecretRef`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+MailboxMode = Literal["embedded", "external"]
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives: a file (first line, stripped) or an environment variable."""
+
+    file: Path | None = None
+    env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """The gateway's own certificate and the anchors it trusts for peers and clients."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """A SQLAlchemy URL (sqlite:///ABS_PATH or postgresql+psycopg://user@host/db).
+
+    A PostgreSQL password, when needed, comes from `password` (file or env), never the URL.
+    """
+
+    url: str
+    password: SecretRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    dir: Path
+    workers: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionConfig:
+    """The client-facing SMTP submission listener (STARTTLS, AUTH only after TLS)."""
+
+    listen: Listener
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_connections: int = 200
+    idle_timeout: float = 300.0
+    max_auth_failures: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DovecotConfig:
+    """The mailbox store: Dovecot, run by the gateway (embedded) or the site's (external).
+
+    embedded: the gateway renders dovecot.conf into `base_dir` and supervises
+    `binary -F -c <conf>`; mail lives under `mail_dir/<domain>/<user>` owned by `mail_user`;
+    LMTP is a unix socket in `base_dir`; IMAP listens on `imap`.
+    external: the gateway only talks LMTP to `lmtp` ("unix:/path" or "host:port").
+    """
+
+    mode: MailboxMode
+    imap: Listener
+    base_dir: Path
+    mail_dir: Path
+    mail_user: str = "mssgw-mail"
+    binary: Path = Path("/usr/sbin/dovecot")
+    lmtp: str | None = None
+
+    @property
+    def lmtp_endpoint(self) -> str:
+        """Where to deliver: the configured endpoint, or the embedded instance's socket."""
+        if self.lmtp is not None:
+            return self.lmtp
+        return f"unix:{self.base_dir / 'lmtp'}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: LogFormat = "text"
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    hostname: str
+    local_domains: tuple[str, ...]
+    tls: TLSConfig
+    database: DatabaseConfig
+    spool: SpoolConfig
+    submission: SubmissionConfig
+    mailboxes: DovecotConfig
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.local_domains

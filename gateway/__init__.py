@@ -1,0 +1,1 @@
+"""The composition root: SMTP servers, spool and queue, workers, Dovecot, CLI."""

@@ -1,0 +1,19 @@
+"""The command modules of `mssgw`: each exposes `register(subparsers)`. Add one line per module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+REGISTRARS: list[Callable[[Any], None]] = []
+
+
+def _load() -> None:
+    from gateway import cmd_run  # noqa: PLC0415
+
+    REGISTRARS.extend([
+        cmd_run.register,
+    ])
+
+
+_load()
