@@ -70,6 +70,7 @@ class LimitsConfig:
     max_connections: int = 200
     idle_timeout: float = 300.0
     max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,281 @@
+"""The durable spool: message bytes are immutable files, their state is a row in SQL.
+
+A message is acknowledged only after (DESIGN.md, "The spool"; the order Postfix and mox use):
+temp file written and fsynced → linked into `msg/` → directory fsynced → row committed.
+A crash before the commit leaves an orphan file and no acknowledgement (the file is
+removed at the next start); a crash after it leaves a row whose message is delivered after
+restart. States: incoming → active → done | deferred | failed (| hold, for later issues).
+
+Every method blocks (disk, SQL): async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from gateway.db import metadata
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+State = Literal["incoming", "active", "deferred", "hold", "done", "failed"]
+RecipientState = Literal["pending", "done", "failed"]
+
+queue = Table(
+    "queue",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("sender", String(320), nullable=False),
+    Column("account", String(320), nullable=True),
+    Column("size", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+)
+
+queue_recipients = Table(
+    "queue_recipients",
+    metadata,
+    Column("queue_id", String(32), ForeignKey("queue.id", ondelete="CASCADE"), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("reply", Text, nullable=True),
+)
+
+# The retry schedule (DESIGN.md): the delay before attempt n+1 after n failed attempts,
+# each with ±10 % jitter so that a burst of deferred mail does not retry in lockstep.
+RETRY_SCHEDULE: tuple[timedelta, ...] = (
+    timedelta(minutes=5), timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1),
+    timedelta(hours=2), timedelta(hours=4), timedelta(hours=8), timedelta(hours=16),
+)
+MAX_QUEUE_LIFETIME = timedelta(days=5)
+
+
+class SpoolError(GatewayError):
+    """The spool cannot store or read a message."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    id: str
+    sender: str
+    account: str | None
+    size: int
+    created_at: datetime
+    attempts: int
+    pending: tuple[str, ...]
+    """Recipients not yet delivered nor failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    address: str
+    state: Literal["done", "failed", "retry"]
+    reply: str
+
+
+def next_delay(attempts: int, rng: random.Random | None = None) -> timedelta:
+    """The wait after `attempts` failed attempts, jittered."""
+    base = RETRY_SCHEDULE[min(attempts, len(RETRY_SCHEDULE)) - 1]
+    return base * (rng or random).uniform(0.9, 1.1)
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (hex seconds) and unguessable (40 random bits)."""
+    return f"{int(time.time()):08X}{secrets.token_hex(5).upper()}"
+
+
+class Spool:
+    def __init__(self, directory: Path, engine: Engine) -> None:
+        self._dir = directory
+        self._tmp = directory / "tmp"
+        self._msg = directory / "msg"
+        self._engine = engine
+        for d in (directory, self._tmp, self._msg):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    def path(self, queue_id: str) -> Path:
+        return self._msg / queue_id
+
+    def accept(self, sender: str, recipients: Sequence[str], data: bytes, *, account: str | None) -> str:
+        """Store a message durably and return its queue id. Only then may the caller say 250."""
+        queue_id = new_queue_id()
+        tmp = self._tmp / queue_id
+        final = self._msg / queue_id
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, final)
+            os.unlink(tmp)
+            _fsync_dir(self._msg)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write the message to the spool: {exc}") from exc
+        now = datetime.now(UTC)
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(queue).values(
+                    id=queue_id, state="incoming", sender=sender, account=account, size=len(data),
+                    created_at=now, next_attempt_at=now, attempts=0))
+                conn.execute(insert(queue_recipients), [
+                    {"queue_id": queue_id, "address": r, "state": "pending"} for r in recipients])
+        except Exception:
+            final.unlink(missing_ok=True)
+            raise
+        return queue_id
+
+    def read(self, queue_id: str) -> bytes:
+        try:
+            return self.path(queue_id).read_bytes()
+        except OSError as exc:
+            raise SpoolError(f"queue file {queue_id} cannot be read: {exc}") from exc
+
+    def recover(self) -> tuple[int, int]:
+        """At start-up: put back messages a crash left `active`, remove never-acknowledged files.
+
+        Returns (requeued, orphans removed).
+        """
+        with self._engine.begin() as conn:
+            requeued = conn.execute(update(queue).where(queue.c.state == "active")
+                                    .values(state="incoming")).rowcount
+            known = {r.id for r in conn.execute(select(queue.c.id).where(
+                queue.c.state.in_(("incoming", "deferred", "hold"))))}
+        orphans = 0
+        for d in (self._tmp, self._msg):
+            for f in d.iterdir():
+                if d is self._tmp or f.name not in known:
+                    f.unlink(missing_ok=True)
+                    orphans += 1
+        if requeued or orphans:
+            log.info("spool recovery: %d message(s) requeued, %d unacknowledged file(s) removed", requeued, orphans)
+        return requeued, orphans
+
+    def claim_due(self, limit: int, now: datetime | None = None) -> list[QueuedMessage]:
+        """Mark up to `limit` due messages `active` and return them, oldest first."""
+        now = now or datetime.now(UTC)
+        with self._engine.begin() as conn:
+            ids = [r.id for r in conn.execute(
+                select(queue.c.id)
+                .where(queue.c.state.in_(("incoming", "deferred")), queue.c.next_attempt_at <= now)
+                .order_by(queue.c.next_attempt_at, queue.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True))]
+            if not ids:
+                return []
+            conn.execute(update(queue).where(queue.c.id.in_(ids)).values(state="active"))
+            rows = conn.execute(select(queue).where(queue.c.id.in_(ids))).all()
+            pending: dict[str, list[str]] = {i: [] for i in ids}
+            for r in conn.execute(select(queue_recipients.c.queue_id, queue_recipients.c.address).where(
+                    queue_recipients.c.queue_id.in_(ids), queue_recipients.c.state == "pending")
+                    .order_by(queue_recipients.c.address)):
+                pending[r.queue_id].append(r.address)
+        by_id = {r.id: r for r in rows}
+        return [QueuedMessage(i, by_id[i].sender, by_id[i].account, by_id[i].size, _utc(by_id[i].created_at),
+                              by_id[i].attempts, tuple(pending[i])) for i in ids]
+
+    def record(self, msg: QueuedMessage, results: Sequence[RecipientResult], now: datetime | None = None) -> State:
+        """Write the outcome of one attempt; returns the message's new state.
+
+        Recipients that got a final answer are marked at once; if any must be retried the
+        message is `deferred` (or `failed` past its lifetime); otherwise it is `done` and its
+        file is removed, only now that every recipient has its final answer.
+        """
+        now = now or datetime.now(UTC)
+        retry = [r for r in results if r.state == "retry"]
+        attempts = msg.attempts + 1
+        expired = now - msg.created_at >= MAX_QUEUE_LIFETIME
+        state: State
+        if not retry:
+            state = "done"
+        elif expired:
+            state = "failed"
+        else:
+            state = "deferred"
+        with self._engine.begin() as conn:
+            for r in results:
+                final: RecipientState | None = {"done": "done", "failed": "failed"}.get(r.state)  # type: ignore[assignment]
+                if final is None and expired:
+                    final = "failed"
+                values: dict[str, object] = {"reply": r.reply}
+                if final is not None:
+                    values["state"] = final
+                conn.execute(update(queue_recipients).where(
+                    queue_recipients.c.queue_id == msg.id, queue_recipients.c.address == r.address).values(**values))
+            last_error = "; ".join(f"{r.address}: {r.reply}" for r in results if r.state != "done") or None
+            conn.execute(update(queue).where(queue.c.id == msg.id).values(
+                state=state, attempts=attempts, last_error=last_error,
+                next_attempt_at=now + next_delay(attempts) if state == "deferred" else now))
+        if state in ("done", "failed"):
+            self.path(msg.id).unlink(missing_ok=True)
+            _fsync_dir(self._msg)
+        return state
+
+    def release_active(self, queue_id: str) -> None:
+        """Give a claimed message back untouched (shutdown in the middle of an attempt)."""
+        with self._engine.begin() as conn:
+            conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
+                         .values(state="incoming"))
+
+    def next_due(self) -> datetime | None:
+        with self._engine.connect() as conn:
+            r = conn.execute(select(queue.c.next_attempt_at).where(
+                queue.c.state.in_(("incoming", "deferred"))).order_by(queue.c.next_attempt_at).limit(1)).first()
+        return None if r is None else _utc(r.next_attempt_at)
+
+    def counts(self) -> dict[str, int]:
+        with self._engine.connect() as conn:
+            return {r.state: r.n for r in conn.execute(
+                select(queue.c.state, func.count().label("n")).group_by(queue.c.state))}
+
+    def purge_done(self, older_than: timedelta) -> int:
+        """Forget finished messages' rows after a while (their files are already gone)."""
+        cutoff = datetime.now(UTC) - older_than
+        with self._engine.begin() as conn:
+            return conn.execute(delete(queue).where(queue.c.state == "done", queue.c.created_at < cutoff)).rowcount
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time here is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,255 @@
+"""SMTP submission (RFC 6409) for mail clients and practice software.
+
+STARTTLS before MAIL (RFC 3207), AUTH PLAIN/LOGIN only over TLS (RFC 4954), TLS 1.2+.
+MAIL FROM must be the authenticated account's own address; each RCPT must be a local
+mailbox (the directory relay comes with the secure-relay issue). DATA is refused when it
+holds a bare CR or LF (SMTP smuggling; RFC 5321 §2.3.8), and otherwise written durably to
+the spool before `250`. The receiver never touches a key: signing happens after the queue.
+
+aiosmtpd gives the protocol; this module adds the policy, an asynchronous password check
+(Argon2 runs in a thread, never on the loop), a connection cap and RFC 3463 enhanced status
+codes on aiosmtpd's stock replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import secrets
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from config.schema import GatewayConfig
+from gateway.accounts import AccountStore
+from gateway.addresses import AddressError, parse_mailbox
+from gateway.logsetup import conn_id, queue_id
+from gateway.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+# aiosmtpd's own replies carry no enhanced status code (RFC 3463); these are what we send instead.
+_STOCK_REPLIES = {
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS is required",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "503 Error: need MAIL command": "503 5.5.1 Send MAIL FROM first",
+    "503 Error: need RCPT command": "503 5.5.1 Send RCPT TO first",
+    "503 Error: nested MAIL command": "503 5.5.1 A MAIL FROM is already in progress",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "221 Bye": "221 2.0.0 Bye",
+    "250 OK": "250 2.0.0 OK",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+}
+_TOO_BIG = ("552 Error: Too much mail data", "552 Error: message size exceeds fixed maximum message size")
+_UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$')
+
+
+class ConnectionLimiter:
+    """A cap on simultaneous client connections (each costs memory: aiosmtpd buffers DATA)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+
+class SubmissionHandler:
+    """The policy of the submission port, as aiosmtpd handler hooks."""
+
+    def __init__(self, cfg: GatewayConfig, accounts: AccountStore, spool: Spool,
+                 on_queued: Callable[[str], None]) -> None:
+        self._cfg = cfg
+        self._accounts = accounts
+        self._spool = spool
+        self._on_queued = on_queued
+
+    async def check_login(self, login: bytes, password: bytes) -> str | None:
+        """The account address for these credentials, or None (Argon2 in a thread)."""
+        try:
+            login_s, password_s = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        account = await asyncio.to_thread(self._accounts.authenticate, login_s, password_s)
+        return None if account is None else account.address
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        account: str = session.auth_data
+        if not address or address == "<>":
+            return "553 5.7.1 A client cannot send with the null sender"
+        try:
+            sender = parse_mailbox(address)
+        except AddressError as exc:
+            return f"553 5.1.7 Bad sender address: {exc}"
+        if str(sender) != account:
+            log.info("MAIL FROM refused: %s is not the address of account %s", sender, account)
+            return f"553 5.7.1 Sender address <{sender}> does not belong to your account"
+        envelope.mail_from = str(sender)
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self._cfg.limits.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self._cfg.limits.max_recipients} per message)"
+        try:
+            rcpt = parse_mailbox(address)
+        except AddressError as exc:
+            return f"553 5.1.3 Bad recipient address: {exc}"
+        if not self._cfg.is_local_domain(rcpt.domain):
+            return f"550 5.7.1 Relaying to {rcpt.domain} is not allowed: this gateway delivers only to its own domains"
+        if not await asyncio.to_thread(self._accounts.is_mailbox, str(rcpt)):
+            return f"550 5.1.1 <{rcpt}>: no such mailbox here"
+        if str(rcpt) not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(str(rcpt))
+            envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data: bytes = envelope.original_content or b""
+        if _BARE_CR_OR_LF.search(data):
+            log.warning("DATA refused: bare CR or LF")
+            return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 §2.3.8)"
+        qid_hint = secrets.token_hex(4)
+        message = self._received_header(session, qid_hint) + data
+        try:
+            qid = await asyncio.to_thread(self._spool.accept, envelope.mail_from, list(envelope.rcpt_tos),
+                                          message, account=session.auth_data)
+        except Exception:
+            log.exception("the spool could not take the message")
+            return "451 4.3.0 The message could not be queued; please try again later"
+        queue_id.set(qid)
+        log.info("queued: %d bytes, %d recipient(s)", len(message), len(envelope.rcpt_tos))
+        self._on_queued(qid)
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session error: %s: %s", type(error).__name__, error)
+        return "451 4.3.0 Internal error, please try again later"
+
+    def _received_header(self, session: Session, trace_id: str) -> bytes:
+        """The trace field of RFC 5321 §4.4, naming the authenticated client as ESMTPSA (RFC 3848)."""
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        helo = re.sub(r"[^A-Za-z0-9.\-\[\]:]", "?", session.host_name or "unknown")[:255]
+        header = (f"Received: from {helo} ([{peer}])\r\n\tby {self._cfg.hostname} (mssgw) with ESMTPSA"
+                  f" id {trace_id};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
+        return header.encode("ascii")
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's SMTP with the gateway's connection cap, async AUTH and enhanced codes."""
+
+    def __init__(self, handler: SubmissionHandler, limiter: ConnectionLimiter, cfg: GatewayConfig,
+                 tls_context: ssl.SSLContext) -> None:
+        super().__init__(
+            handler,
+            hostname=cfg.hostname,
+            ident="mssgw ESMTP",
+            tls_context=tls_context,
+            require_starttls=True,
+            auth_required=True,
+            auth_require_tls=True,
+            data_size_limit=cfg.limits.max_message_size,
+            timeout=cfg.limits.idle_timeout,
+            authenticator=_never_called,
+            command_call_limit=100,
+        )
+        self._gw_handler = handler
+        self._limiter = limiter
+        self._max_message_size = cfg.limits.max_message_size
+        self._max_auth_failures = cfg.limits.max_auth_failures
+        self._auth_failure_delay = cfg.limits.auth_failure_delay
+        self._auth_failures = 0
+        self._counted = False
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the first call; a second one follows STARTTLS
+            if self._limiter.active >= self._limiter.limit:
+                self._refused = True
+                transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")
+                transport.close()
+                return
+            self._limiter.active += 1
+            self._counted = True
+            conn_id.set(secrets.token_hex(4))
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._counted:
+            self._limiter.active -= 1
+            self._counted = False
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = self._enhance(status)
+        await super().push(status)
+
+    def _enhance(self, status: str) -> str:
+        if status in _TOO_BIG:
+            return f"552 5.3.4 Message too big: the limit is {self._max_message_size} bytes"
+        m = _UNKNOWN_COMMAND.match(status)
+        if m:
+            return f"500 5.5.1 Command not recognised: {m.group(1)[:40]}"
+        return _STOCK_REPLIES.get(status, status)
+
+    # AUTH: aiosmtpd's PLAIN and LOGIN parse the exchange and call the synchronous
+    # `_authenticate`; ours only hands the credentials back, and the check runs here,
+    # asynchronously, with a delay and a cap on failures (RFC 4954 §4 leaves both to us).
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(server, args))
+
+    async def _verify(self, pending: AuthResult) -> AuthResult:
+        creds = pending.auth_data
+        if pending.handled or not isinstance(creds, LoginPassword):
+            return pending
+        address = await self._gw_handler.check_login(creds.login, creds.password)
+        if address is not None:
+            log.info("authenticated as %s", address)
+            return AuthResult(success=True, auth_data=address)
+        self._auth_failures += 1
+        log.warning("authentication failed (%d on this connection)", self._auth_failures)
+        await asyncio.sleep(self._auth_failure_delay)
+        if self._auth_failures >= self._max_auth_failures:
+            await self.push("421 4.7.0 Too many authentication failures, closing the connection")
+            assert self.transport is not None
+            self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, message="535 5.7.8 Authentication failed: wrong login or password")
+
+
+def _never_called(*_args: Any) -> AuthResult:
+    # aiosmtpd wants an authenticator when AUTH is offered; ours is SubmissionSMTP._verify.
+    return AuthResult(success=False)
+
+
+async def start_submission(cfg: GatewayConfig, handler: SubmissionHandler,
+                           tls_context: ssl.SSLContext) -> asyncio.Server:
+    limiter = ConnectionLimiter(cfg.limits.max_connections)
+    loop = asyncio.get_running_loop()
+    listen = cfg.submission.listen
+    server = await loop.create_server(lambda: SubmissionSMTP(handler, limiter, cfg, tls_context),
+                                      host=listen.host, port=listen.port, reuse_address=True)
+    log.info("submission listening on %s:%d (STARTTLS, AUTH PLAIN/LOGIN after TLS)", listen.host, listen.port)
+    return server
