@@ -9,7 +9,6 @@ minimum) keeps a login around 20 ms; Dovecot's libsodium only verifies p=1.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,6 +16,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Boolean, Column, DateTime, Engine, String, Table, insert, select, update
 
+from gateway.addresses import AddressError, parse_mailbox
 from gateway.db import metadata
 from gateway.errors import GatewayError
 
@@ -36,7 +36,6 @@ _HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 # Verified against when the account does not exist, so that unknown and known
 # addresses cost the same time (no account enumeration by timing).
 _DUMMY_HASH = _HASHER.hash("not a password")
-_ADDRESS = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+)*@[a-z0-9-]+(\.[a-z0-9-]+)+$")
 MIN_PASSWORD_LENGTH = 12
 
 
@@ -68,12 +67,11 @@ class Account:
 
 
 def normalise_address(address: str) -> str:
-    """Lower-case the domain (RFC 5321 §2.4); the local part is kept as given."""
-    local, sep, domain = address.strip().rpartition("@")
-    candidate = f"{local}{sep}{domain.lower()}"
-    if not sep or not _ADDRESS.match(candidate):
-        raise BadAccountInput(f"not a mailbox address: {address!r}")
-    return candidate
+    """The address as stored: the envelope rules of `addresses`, domain lower-cased."""
+    try:
+        return str(parse_mailbox(address.strip()))
+    except AddressError as exc:
+        raise BadAccountInput(f"not a mailbox address: {address!r} ({exc})") from None
 
 
 class AccountStore:

@@ -10,10 +10,12 @@ REGISTRARS: list[Callable[[Any], None]] = []
 
 def _load() -> None:
     from gateway import cmd_pki  # noqa: PLC0415
+    from gateway import cmd_account  # noqa: PLC0415
     from gateway import cmd_run  # noqa: PLC0415
 
     REGISTRARS.extend([
         cmd_pki.register,
+        cmd_account.register,
         cmd_run.register,
     ])
 

@@ -211,8 +211,9 @@ class Spool:
         """Write the outcome of one attempt; returns the message's new state.
 
         Recipients that got a final answer are marked at once; if any must be retried the
-        message is `deferred` (or `failed` past its lifetime); otherwise it is `done` and its
-        file is removed, only now that every recipient has its final answer.
+        message is `deferred` (or `failed` past its lifetime). Once every recipient has its
+        final answer the message is `done` (all delivered) or `failed` (some were not), and
+        only then is its file removed.
         """
         now = now or datetime.now(UTC)
         retry = [r for r in results if r.state == "retry"]
@@ -235,6 +236,9 @@ class Spool:
                     values["state"] = final
                 conn.execute(update(queue_recipients).where(
                     queue_recipients.c.queue_id == msg.id, queue_recipients.c.address == r.address).values(**values))
+            if state == "done" and conn.execute(select(func.count()).where(
+                    queue_recipients.c.queue_id == msg.id, queue_recipients.c.state == "failed")).scalar_one():
+                state = "failed"  # finished, but a recipient could not be delivered: a DSN is due
             last_error = "; ".join(f"{r.address}: {r.reply}" for r in results if r.state != "done") or None
             conn.execute(update(queue).where(queue.c.id == msg.id).values(
                 state=state, attempts=attempts, last_error=last_error,

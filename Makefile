@@ -1,0 +1,79 @@
+# The front door: `make run` (the gateway with config/dev.toml) and `make test`.
+# Each target installs what it needs, idempotently: Debian packages (as root), the venv,
+# the mail user, the test PKI and the development accounts.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config/dev.toml
+MAIL_USER := mssgw-mail
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# pyscard builds against libpcsclite-dev; pcscd + vsmartcard-vpcd run the virtual CPS card;
+# Dovecot serves the mailboxes; libnss3-tools and openssl are the S/MIME interop peers.
+DEBS := libpcsclite-dev pcscd vsmartcard-vpcd pcsc-tools \
+        dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sqlite dovecot-pgsql \
+        libnss3-tools openssl ca-certificates
+
+.PHONY: run test lint bench fuzz setup debs venv mail-user dev-setup clean
+
+run: setup dev-setup
+	exec $(PY) -m gateway.cli -c $(CONFIG) run
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check gateway smime cps directory_sync config tests bench
+	$(VENV)/bin/mypy gateway smime cps directory_sync config
+	$(VENV)/bin/lint-imports
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+setup: debs venv mail-user
+
+dev-setup: setup
+	$(PY) -m gateway.cli -c $(CONFIG) dev-setup
+
+debs:
+	@missing=""; \
+	for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "Some Debian packages are missing. As root, run:"; \
+	    echo "  apt-get install -y --no-install-recommends$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml | debs
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@
+
+mail-user:
+	@id -u $(MAIL_USER) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(MAIL_USER); \
+	  else \
+	    echo "The mail user is missing. As root, run:"; \
+	    echo "  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(MAIL_USER)"; \
+	    exit 1; \
+	  fi; }
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

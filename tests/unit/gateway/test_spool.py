@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from config.schema import DatabaseConfig
+from gateway.db import create_tables, make_engine
+from gateway.spool import (
+    MAX_QUEUE_LIFETIME,
+    RETRY_SCHEDULE,
+    RecipientResult,
+    Spool,
+    next_delay,
+    queue,
+    queue_recipients,
+)
+
+MSG = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(DatabaseConfig(url=f"sqlite:///{tmp_path / 'gw.db'}"))
+    create_tables(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, engine: Engine) -> Spool:
+    return Spool(tmp_path / "spool", engine)
+
+
+def test_accept_writes_a_private_file_and_a_row(spool: Spool, engine: Engine, tmp_path: Path) -> None:
+    qid = spool.accept("a@x.test", ["b@x.test", "c@x.test"], MSG, account="a@x.test")
+    path = spool.path(qid)
+    assert path.read_bytes() == MSG
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
+    assert not list((tmp_path / "spool" / "tmp").iterdir())
+    with engine.connect() as conn:
+        assert conn.execute(select(queue.c.state)).scalar_one() == "incoming"
+        assert sorted(r.address for r in conn.execute(select(queue_recipients))) == ["b@x.test", "c@x.test"]
+
+
+def test_claim_then_partial_success_defers_only_the_failed_recipient(spool: Spool) -> None:
+    qid = spool.accept("a@x.test", ["b@x.test", "c@x.test"], MSG, account=None)
+    [msg] = spool.claim_due(10)
+    assert msg.id == qid and msg.pending == ("b@x.test", "c@x.test")
+    assert spool.claim_due(10) == []  # active messages are not claimed twice
+    now = datetime.now(UTC)
+    state = spool.record(msg, [RecipientResult("b@x.test", "done", "250 2.0.0 ok"),
+                               RecipientResult("c@x.test", "retry", "451 4.2.0 busy")], now=now)
+    assert state == "deferred"
+    assert spool.path(qid).exists()
+    assert spool.claim_due(10, now=now) == []
+    [again] = spool.claim_due(10, now=now + timedelta(hours=1))
+    assert again.pending == ("c@x.test",) and again.attempts == 1
+    assert spool.record(again, [RecipientResult("c@x.test", "done", "250 ok")]) == "done"
+    assert not spool.path(qid).exists()
+
+
+def test_permanent_failure_and_expiry(spool: Spool) -> None:
+    spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    [msg] = spool.claim_due(1)
+    assert spool.record(msg, [RecipientResult("b@x.test", "failed", "550 5.1.1 no")]) == "failed"
+    spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    [old] = spool.claim_due(1)
+    late = old.created_at + MAX_QUEUE_LIFETIME + timedelta(seconds=1)
+    assert spool.record(old, [RecipientResult("b@x.test", "retry", "451 later")], now=late) == "failed"
+
+
+def test_recover_requeues_active_and_removes_unacknowledged_files(spool: Spool, tmp_path: Path) -> None:
+    acked = spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    spool.claim_due(1)  # then the process dies in the middle of the delivery
+    orphan = tmp_path / "spool" / "msg" / "ORPHAN"   # linked, row never committed: never acknowledged
+    orphan.write_bytes(MSG)
+    half = tmp_path / "spool" / "tmp" / "HALF"
+    half.write_bytes(MSG[:5])
+    assert spool.recover() == (1, 2)
+    assert not orphan.exists() and not half.exists()
+    [msg] = spool.claim_due(1)
+    assert msg.id == acked and spool.read(acked) == MSG
+
+
+def test_retry_schedule_is_jittered_and_grows() -> None:
+    delays = [next_delay(n) for n in range(1, len(RETRY_SCHEDULE) + 3)]
+    for n, d in enumerate(delays[: len(RETRY_SCHEDULE)]):
+        assert RETRY_SCHEDULE[n] * 0.9 <= d <= RETRY_SCHEDULE[n] * 1.1
+    assert delays[-1] <= RETRY_SCHEDULE[-1] * 1.1
+
+
+def test_files_are_fsynced_to_a_directory_that_exists(spool: Spool, tmp_path: Path) -> None:
+    qid = spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    # the link count shows the temp name is gone: one name only, in msg/
+    assert os.stat(spool.path(qid)).st_nlink == 1
