@@ -1,0 +1,621 @@
+"""Dovecot as the mailbox store: its configuration rendered from the gateway's, and the embedded instance run as a
+supervised child process.
+
+Dovecot authenticates IMAP logins against the gateway's own `accounts` table (an SQL passdb, argon2id hashes) and
+refuses unknown users at LMTP RCPT (an SQL userdb on the same table). Mail is stored as one unprivileged user.
+
+Why the IMAP port is a small relay and not Dovecot's own listener: Dovecot 2.3 counts every connection whose remote
+address equals its local address (any client on the gateway host, 127.0.0.1 included) as "secured", so it would offer
+LOGIN in clear text before STARTTLS and omit LOGINDISABLED (RFC 3501 §6.2.3, RFC 8314 §3). The gateway therefore
+owns the client-facing socket and hands each connection to a loopback listener of Dovecot with a PROXY protocol v1
+header carrying the client's real addresses; Dovecot 2.3 treats such a connection as secured only after TLS, keeps
+the real client address for its logs and its authentication penalty, and still terminates TLS itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import hashlib
+import ipaddress
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import time
+from collections import deque
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from config.loader import read_secret
+from config.schema import GatewayConfig
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+CONF_NAME = "dovecot.conf"
+SQL_CONF_NAME = "dovecot-sql.conf.ext"
+
+# Restart back-off after an unexpected exit: doubles from the first value up to the last; reset after a stable run.
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 30.0
+_STABLE_AFTER = 60.0
+_RELAY_CHUNK = 64 * 1024
+_LOG_TAIL = 20
+
+
+class DovecotError(GatewayError):
+    """Base class: the mailbox store cannot be configured or run."""
+
+
+class DovecotConfigError(DovecotError):
+    """A gateway setting cannot be expressed in Dovecot's configuration."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+class MailUserMissing(DovecotError):
+    """The unprivileged user that owns the mailboxes does not exist on this host."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        super().__init__(f"the mail user {user!r} does not exist; create it with: "
+                         f"useradd --system --no-create-home --shell /usr/sbin/nologin {user}")
+
+
+class MailDirUnreachable(DovecotError):
+    """The mail user cannot traverse a directory on the way to mail_dir (a checkout under /root is 0700)."""
+
+    def __init__(self, path: Path, user: str, mail_dir: Path) -> None:
+        self.path = path
+        self.user = user
+        self.mail_dir = mail_dir
+        super().__init__(f"the mail user {user!r} cannot reach {mail_dir}: {path} is not searchable by it; "
+                         f"fix: chmod o+x {path}, or set mailboxes.mail_dir to a directory outside it")
+
+
+class DovecotStartError(DovecotError):
+    """Dovecot exited before it was ready; `log_tail` holds its last log lines."""
+
+    def __init__(self, returncode: int | None, log_tail: tuple[str, ...]) -> None:
+        self.returncode = returncode
+        self.log_tail = log_tail
+        last = log_tail[-1] if log_tail else "no log output"
+        super().__init__(f"Dovecot exited with status {returncode} before it was ready: {last}")
+
+
+class DovecotNotReady(DovecotError):
+    """Dovecot did not accept LMTP and IMAP connections within the time allowed."""
+
+    def __init__(self, timeout: float, log_tail: tuple[str, ...]) -> None:
+        self.timeout = timeout
+        self.log_tail = log_tail
+        super().__init__(f"Dovecot was not ready after {timeout:.0f} s" + (f": {log_tail[-1]}" if log_tail else ""))
+
+
+def instance_name(cfg: GatewayConfig) -> str:
+    """A name unique to this base_dir, so `doveadm -i` and the process list tell instances apart."""
+    digest = hashlib.sha256(str(cfg.mailboxes.base_dir).encode()).hexdigest()[:10]
+    return f"mssgw-{digest}"
+
+
+def free_loopback_port() -> int:
+    """An ephemeral port on 127.0.0.1 that was free a moment ago (for Dovecot's internal, PROXY-only listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _dq(value: str | Path) -> str:
+    """Quote a value for dovecot.conf (a double-quoted string); `%` is escaped against variable expansion."""
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise DovecotConfigError("mailboxes", f"a control character in {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sql_literal(value: str) -> str:
+    """An SQL string literal inside a Dovecot query template: quotes doubled, `%` escaped for var expansion."""
+    return "'" + value.replace("'", "''").replace("%", "%%") + "'"
+
+
+def render_config(cfg: GatewayConfig, *, backend_port: int | None = None) -> str:
+    """Render dovecot.conf for the embedded instance.
+
+    `backend_port` is Dovecot's loopback listener that only accepts PROXY protocol connections from the gateway's
+    relay (see the module docstring); by default a free port is picked now. Everything Dovecot writes stays under
+    `base_dir`; the only client-facing listener is the gateway's relay on `imap.host:imap.port`.
+    """
+    mb = cfg.mailboxes
+    base = mb.base_dir
+    port = free_loopback_port() if backend_port is None else backend_port
+    try:
+        pw = pwd.getpwnam(mb.mail_user)
+    except KeyError:
+        raise MailUserMissing(mb.mail_user) from None
+    if pw.pw_uid == 0:
+        raise DovecotConfigError("mailboxes.mail_user", "must not be root")
+    uid_range = f"first_valid_uid = {pw.pw_uid}\nlast_valid_uid = {pw.pw_uid}\n"
+    lines = f"""\
+# Rendered by mssgw from {cfg.source or 'the gateway configuration'}; do not edit, it is rewritten at each start.
+instance_name = {instance_name(cfg)}
+base_dir = {_dq(base)}
+state_dir = {_dq(base / 'state')}
+log_path = /dev/stderr
+hostname = {_dq(cfg.hostname)}
+protocols = imap lmtp
+listen = 127.0.0.1
+shutdown_clients = yes
+
+# TLS for IMAP (RFC 8314 §3, RFC 9051 §11.1): STARTTLS only, TLS 1.2 or newer, no login in clear text.
+ssl = required
+ssl_cert = <{_include_path(cfg.tls.cert)}
+ssl_key = <{_include_path(cfg.tls.key)}
+ssl_min_protocol = {cfg.tls.min_version}
+ssl_prefer_server_ciphers = yes
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+auth_failure_delay = 2 secs
+auth_username_format = %Lu
+haproxy_trusted_networks = 127.0.0.1
+
+# Accounts: the gateway's SQL table; argon2id hashes as argon2-cffi writes them (no {{SCHEME}} prefix).
+passdb {{
+  driver = sql
+  args = {_dq(base / SQL_CONF_NAME)}
+}}
+userdb {{
+  driver = sql
+  args = {_dq(base / SQL_CONF_NAME)}
+}}
+
+# Mail: maildir under mail_dir/<domain>/<local part>, owned by {mb.mail_user} only.
+mail_location = maildir:~/Maildir
+mail_uid = {mb.mail_user}
+mail_gid = {mb.mail_user}
+{uid_range}umask = 0077
+lda_mailbox_autocreate = yes
+lmtp_save_to_detail_mailbox = no
+
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+    haproxy = yes
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0600
+    user = root
+    group = root
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = 0
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service submission-login {{
+  inet_listener submission {{
+    port = 0
+  }}
+}}
+service managesieve-login {{
+  inet_listener sieve {{
+    port = 0
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 20
+}}
+"""
+    return lines
+
+
+def _include_path(path: Path) -> str:
+    """A path for a `<file` include: dovecot.conf has no quoting there, so refuse what would break it."""
+    text = str(path)
+    if any(c.isspace() for c in text) or "%" in text:
+        raise DovecotConfigError("tls", f"Dovecot cannot read a file whose path has spaces or '%': {text}")
+    return text
+
+
+def render_sql_config(cfg: GatewayConfig) -> str:
+    """Render the passdb/userdb SQL file (it may hold the PostgreSQL password: written 0600, root only).
+
+    The same queries serve SQLite and PostgreSQL: `active` is a BOOLEAN there, an integer 0/1 in SQLite.
+    """
+    mb = cfg.mailboxes
+    if "'" in str(mb.mail_dir):
+        raise DovecotConfigError("mailboxes.mail_dir", "a quote in the path")
+    home_sql = "'" + str(mb.mail_dir).replace("%", "%%") + "/%Ld/%Ln'"
+    user = _sql_literal(mb.mail_user)
+    return f"""\
+# Rendered by mssgw; do not edit.
+driver = {_sql_driver(cfg)}
+connect = {_connect_string(cfg)}
+default_pass_scheme = ARGON2ID
+password_query = SELECT address AS user, password_hash AS password FROM accounts WHERE address = '%Lu' AND active
+user_query = SELECT {home_sql} AS home, {user} AS uid, {user} AS gid FROM accounts WHERE address = '%Lu' AND active
+iterate_query = SELECT address AS user FROM accounts WHERE active
+"""
+
+
+def _sql_driver(cfg: GatewayConfig) -> str:
+    url = cfg.database.url
+    if url.startswith("sqlite"):
+        return "sqlite"
+    if url.startswith("postgresql"):
+        return "pgsql"
+    raise DovecotConfigError("database.url", "Dovecot's passdb reads SQLite or PostgreSQL only")
+
+
+def _connect_string(cfg: GatewayConfig) -> str:
+    """SQLAlchemy URL → Dovecot `connect`: the SQLite file, or a libpq keyword string for PostgreSQL."""
+    try:
+        url = make_url(cfg.database.url)
+    except ArgumentError as exc:
+        raise DovecotConfigError("database.url", f"not a database URL: {exc}") from None
+    if _sql_driver(cfg) == "sqlite":
+        if not url.database or url.database == ":memory:" or not url.database.startswith("/"):
+            raise DovecotConfigError("database.url", "Dovecot needs the absolute path of an SQLite file")
+        return url.database
+    parts: dict[str, str] = {}
+    if url.host:
+        parts["host"] = url.host
+    elif isinstance(url.query.get("host"), str):
+        parts["host"] = str(url.query["host"])
+    if url.port:
+        parts["port"] = str(url.port)
+    if url.database:
+        parts["dbname"] = url.database
+    if url.username:
+        parts["user"] = url.username
+    if cfg.database.password is not None:
+        parts["password"] = read_secret(cfg.database.password)
+    sslmode = url.query.get("sslmode")
+    if isinstance(sslmode, str):
+        parts["sslmode"] = sslmode
+    for key, value in parts.items():
+        # Dovecot splits the connect string on spaces before libpq sees it, so no quoting can protect one.
+        if not value or any(c.isspace() or c in "'\\" for c in value):
+            shown = "the password" if key == "password" else repr(value)
+            raise DovecotConfigError("database", f"Dovecot cannot pass {shown} as {key} (space, quote or backslash)")
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically, 0600 from the first byte (the SQL file may hold a password)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def prepare_mail_dir(cfg: GatewayConfig) -> None:
+    """Create mail_dir (0700, owned by the mail user) and check that the mail user can reach it.
+
+    Dovecot's mail processes run as that user: a directory on the way it cannot search would fail each delivery
+    with a bare "Permission denied", so the gateway refuses to start and names the directory instead.
+    """
+    mb = cfg.mailboxes
+    try:
+        pw = pwd.getpwnam(mb.mail_user)
+    except KeyError:
+        raise MailUserMissing(mb.mail_user) from None
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if mb.mail_user in g.gr_mem}
+    mail_dir = mb.mail_dir
+    mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for parent in reversed(mail_dir.parents):
+        st = parent.stat()
+        if st.st_uid == pw.pw_uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in gids:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            raise MailDirUnreachable(parent, mb.mail_user, mail_dir)
+    st = mail_dir.stat()
+    if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+        os.chown(mail_dir, pw.pw_uid, pw.pw_gid)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(mail_dir, 0o700)
+
+
+def _proxy_header(peer: tuple[str, int], local: tuple[str, int]) -> bytes:
+    """PROXY protocol v1 line (haproxy.org proxy-protocol.txt §2.1) with the client's real addresses."""
+    src = ipaddress.ip_address(peer[0].split("%")[0])
+    dst = ipaddress.ip_address(local[0].split("%")[0])
+    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped is not None:
+        src = src.ipv4_mapped
+    if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped is not None:
+        dst = dst.ipv4_mapped
+    if src.version != dst.version:
+        return b"PROXY UNKNOWN\r\n"
+    family = "TCP4" if src.version == 4 else "TCP6"
+    return f"PROXY {family} {src} {dst} {peer[1]} {local[1]}\r\n".encode("ascii")
+
+
+class DovecotSupervisor:
+    """Runs the embedded Dovecot (`binary -F -c dovecot.conf`) and the IMAP relay in front of it.
+
+    start() writes the configuration, opens the IMAP listener and spawns Dovecot; wait_ready() returns once the LMTP
+    socket and the IMAP port answer with their greetings. An unexpected exit is logged and followed by a restart
+    after a back-off (0.5 s doubling to 30 s, reset after a minute of stable running); an exit before the first
+    ready is a start failure (a configuration problem, not worth retrying). stop() sends SIGTERM, then SIGKILL
+    after `stop_timeout`. Dovecot's log lines (it logs to stderr) are carried into this module's logger.
+    """
+
+    def __init__(self, cfg: GatewayConfig, *, ready_timeout: float = 30.0, stop_timeout: float = 10.0) -> None:
+        self.cfg = cfg
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._relay: asyncio.Server | None = None
+        self._relayed: set[asyncio.Task[None]] = set()
+        self._ready = asyncio.Event()
+        self._failed: DovecotError | None = None
+        self._failed_event = asyncio.Event()
+        self._stopping = False
+        self._ever_ready = False
+        self._log_tail: deque[str] = deque(maxlen=_LOG_TAIL)
+        self._backend_port = 0
+        self._imap_address: tuple[str, int] | None = None
+
+    @property
+    def conf_path(self) -> Path:
+        return self.cfg.mailboxes.base_dir / CONF_NAME
+
+    @property
+    def pid(self) -> int | None:
+        """The Dovecot master's pid while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def imap_address(self) -> tuple[str, int]:
+        """Where IMAP clients connect (the port actually bound, useful when the configured one is 0)."""
+        if self._imap_address is None:
+            raise DovecotError("the IMAP listener is not open: call start() first")
+        return self._imap_address
+
+    @property
+    def log_tail(self) -> tuple[str, ...]:
+        return tuple(self._log_tail)
+
+    async def start(self) -> None:
+        """Check the mail user and directories, write the configuration, open the IMAP listener, spawn Dovecot."""
+        mb = self.cfg.mailboxes
+        await asyncio.to_thread(prepare_mail_dir, self.cfg)
+        mb.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        (mb.base_dir / "state").mkdir(mode=0o700, exist_ok=True)
+        self._backend_port = free_loopback_port()
+        _write_private(self.conf_path, render_config(self.cfg, backend_port=self._backend_port))
+        _write_private(mb.base_dir / SQL_CONF_NAME, render_sql_config(self.cfg))
+        await self._reap_stale_instance()
+        self._relay = await asyncio.start_server(self._relay_connection, mb.imap.host, mb.imap.port)
+        sock = self._relay.sockets[0].getsockname()
+        self._imap_address = (str(sock[0]), int(sock[1]))
+        self._stopping = False
+        await self._spawn()
+        self._monitor = asyncio.create_task(self._supervise(), name="dovecot-supervisor")
+        log.info("Dovecot %s starting (IMAP on %s:%d, LMTP on %s)", instance_name(self.cfg), *self._imap_address,
+                 mb.lmtp_endpoint)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once Dovecot answers on LMTP and IMAP; raise DovecotStartError or DovecotNotReady otherwise."""
+        limit = self.ready_timeout if timeout is None else timeout
+        ready = asyncio.ensure_future(self._ready.wait())
+        failed = asyncio.ensure_future(self._failed_event.wait())
+        try:
+            await asyncio.wait({ready, failed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            failed.cancel()
+        if self._ready.is_set():
+            return
+        if self._failed is not None:
+            raise self._failed
+        raise DovecotNotReady(limit, self.log_tail)
+
+    async def stop(self) -> None:
+        """Stop relaying, then Dovecot: SIGTERM, and SIGKILL if it has not exited after `stop_timeout`."""
+        self._stopping = True
+        if self._relay is not None:
+            self._relay.close()
+        for task in list(self._relayed):
+            task.cancel()
+        await asyncio.gather(*self._relayed, return_exceptions=True)
+        if self._relay is not None:
+            await self._relay.wait_closed()
+            self._relay = None
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout)
+            except TimeoutError:
+                log.warning("Dovecot did not stop within %.0f s of SIGTERM; killing it", self.stop_timeout)
+                proc.kill()
+                await proc.wait()
+            log.info("Dovecot stopped (status %s)", proc.returncode)
+        self._ready.clear()
+
+    async def _spawn(self) -> None:
+        self._ready.clear()
+        self._proc = await asyncio.create_subprocess_exec(
+            str(self.cfg.mailboxes.binary), "-F", "-c", str(self.conf_path),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C on the terminal reaches the gateway, which stops Dovecot in order
+        )
+
+    async def _supervise(self) -> None:
+        backoff = _BACKOFF_FIRST
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            started = time.monotonic()
+            pump = asyncio.create_task(self._pump_log(proc))
+            probe = asyncio.create_task(self._probe_until_ready(proc))
+            code = await proc.wait()
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await asyncio.gather(pump, return_exceptions=True)
+            self._ready.clear()
+            if self._stopping:
+                return
+            if not self._ever_ready:
+                self._failed = DovecotStartError(code, self.log_tail)
+                self._failed_event.set()
+                log.error("%s", self._failed)
+                return
+            if time.monotonic() - started > _STABLE_AFTER:
+                backoff = _BACKOFF_FIRST
+            log.warning("Dovecot exited unexpectedly (status %s); restarting in %.1f s", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            if self._stopping:
+                return
+            self.restarts += 1
+            try:
+                await self._spawn()
+            except OSError as exc:
+                log.error("cannot restart Dovecot: %s", exc)
+                return
+
+    async def _pump_log(self, proc: asyncio.subprocess.Process) -> None:
+        """Carry Dovecot's log lines into ours, at their own level (they never hold passwords nor bodies)."""
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            self._log_tail.append(text)
+            level = logging.INFO
+            if ": Warning: " in text:
+                level = logging.WARNING
+            elif any(f": {w}: " in text for w in ("Error", "Fatal", "Panic")):
+                level = logging.ERROR
+            log.log(level, "dovecot: %s", text)
+
+    async def _probe_until_ready(self, proc: asyncio.subprocess.Process) -> None:
+        while proc.returncode is None:
+            if await self._answers():
+                if not self._ever_ready:
+                    log.info("Dovecot ready (pid %d)", proc.pid)
+                else:
+                    log.info("Dovecot ready again (pid %d, restart %d)", proc.pid, self.restarts)
+                self._ever_ready = True
+                self._ready.set()
+                return
+            await asyncio.sleep(0.1)
+
+    async def _answers(self) -> bool:
+        """Both greetings: `220` on the LMTP socket (RFC 2033 §4.1), `* OK` through the IMAP relay (RFC 9051 §7.1)."""
+        lmtp = str(self.cfg.mailboxes.base_dir / "lmtp")
+        host, port = self.imap_address
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_unix_connection(lmtp), 2)
+            try:
+                lmtp_ok = (await asyncio.wait_for(r.readline(), 2)).startswith(b"220")
+            finally:
+                w.close()
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            try:
+                imap_ok = (await asyncio.wait_for(r.readline(), 2)).startswith(b"* OK")
+            finally:
+                w.close()
+        except (OSError, TimeoutError):
+            return False
+        return lmtp_ok and imap_ok
+
+    async def _reap_stale_instance(self) -> None:
+        """A gateway killed with SIGKILL leaves its Dovecot running; stop that one (ours: same config) first."""
+        pidfile = self.cfg.mailboxes.base_dir / "master.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self.conf_path).encode() not in cmdline:
+            return
+        log.warning("stopping a Dovecot left over by a previous run (pid %d)", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    async def _relay_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relayed.add(task)
+        try:
+            await self._splice(reader, writer)
+        finally:
+            self._relayed.discard(task)
+
+    async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end."""
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self._backend_port)
+        except OSError as exc:
+            log.warning("IMAP client %s refused: Dovecot is not answering (%s)", peer[0], exc)
+            with contextlib.suppress(OSError):
+                writer.write(b"* BYE [UNAVAILABLE] The mailbox service is restarting, try again shortly\r\n")
+                await writer.drain()
+            writer.close()
+            return
+        up_w.write(_proxy_header((peer[0], peer[1]), (local[0], local[1])))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(_RELAY_CHUNK):
+                    dst.write(data)
+                    await dst.drain()
+                if dst.can_write_eof():
+                    dst.write_eof()
+            except OSError:
+                pass
+
+        tasks = [asyncio.create_task(pipe(reader, up_w)), asyncio.create_task(pipe(up_r, writer))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # One side is done; let the other drain what is in flight (a server's BYE), then close both.
+            await asyncio.wait(tasks, timeout=5)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for w in (up_w, writer):
+                w.close()
+
