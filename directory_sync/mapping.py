@@ -1,0 +1,264 @@
+"""How each extract's columns feed the directory tables (by header name, mssante.md §2.2).
+
+An `EntitySpec` names a table, its key and the header each column comes from; bound to a
+reader it becomes a fast extractor (one `itemgetter` per row) that returns the key, a 64-bit
+content hash and the values, or the reason the row is malformed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Table
+
+from directory_sync.errors import MissingColumns
+from directory_sync.extracts import ExtractKind, ExtractReader
+from directory_sync.models import (
+    Activity,
+    Diploma,
+    KnowHow,
+    Mailbox,
+    Practitioner,
+    Structure,
+)
+
+MAILBOX_TYPES = frozenset({"PER", "ORG", "APP", "CAB"})
+
+Values = tuple[str | None, ...]
+
+
+class RowRejected(Exception):
+    """A row one entity cannot use; the reader counts it as malformed."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def address_key(address: str) -> str | None:
+    """The lookup key of an address: local part as published, domain lower-cased; None if invalid."""
+    local, sep, domain = address.strip().rpartition("@")
+    if not sep or not local or not domain or " " in address.strip():
+        return None
+    return f"{local}@{domain.lower()}"
+
+
+def content_digest(values: Values) -> bytes:
+    joined = "\x1f".join(v if v is not None else "" for v in values)
+    return hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
+
+
+def hash64(digest: bytes) -> int:
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EntitySpec:
+    """One table fed by an extract.
+
+    key_header None means the row has no identifier: the key is a digest of the content
+    (plus the owner's idNat_PS, so that the key is stable), and a change is delete + insert.
+    """
+
+    name: str
+    table: Table
+    key_column: str
+    fields: tuple[tuple[str, str], ...]
+    key_header: str | None = None
+    required: tuple[str, ...] = ()
+    optional_entity: bool = False
+    constants: tuple[tuple[str, Any], ...] = ()
+    normalise_key: Callable[[str], str | None] | None = None
+    validate: Callable[[dict[str, str | None]], str | None] | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash")
+
+    def bind(self, reader: ExtractReader) -> BoundEntity:
+        missing = [h for h in (*self.required, *(() if self.key_header is None else (self.key_header,)))
+                   if reader.column(h) is None]
+        if missing:
+            raise MissingColumns(reader.source.name, reader.kind.value, tuple(missing))
+        return BoundEntity(self, reader)
+
+
+class BoundEntity:
+    """An EntitySpec bound to the column positions of one file."""
+
+    def __init__(self, spec: EntitySpec, reader: ExtractReader) -> None:
+        self.spec = spec
+        self.table = spec.table
+        positions = [reader.column(h) for _, h in spec.fields]
+        present = [p for p in positions if p is not None]
+        self._slots = [None if p is None else present.index(p) for p in positions]
+        getter = itemgetter(*present) if present else (lambda _row: ())
+        self._get: Callable[[list[str]], Any] = getter
+        self._single = len(present) == 1
+        self._all_present = len(present) == len(positions)
+        self._key_pos = None if spec.key_header is None else reader.column(spec.key_header)
+        self._required = tuple((h, reader.column(h)) for h in spec.required)
+        self._constants = tuple(v for _, v in spec.constants)
+        self._field_names = tuple(c for c, _ in spec.fields)
+
+    def extract(self, row: list[str]) -> tuple[str, int, tuple[Any, ...]] | None:
+        """(key, row_hash, insert parameters) or None when the row has no such entity.
+
+        Raises RowRejected when the row is unusable for this table.
+        """
+        for header, pos in self._required:
+            if pos is None or not row[pos].strip():
+                raise RowRejected(f"empty {header!r}")
+        raw = self._get(row)
+        if self._single:
+            raw = (raw,)
+        if self._all_present:
+            values: Values = tuple(v.strip() or None for v in raw)
+        else:
+            values = tuple(None if s is None else (raw[s].strip() or None) for s in self._slots)
+        spec = self.spec
+        if spec.validate is not None:
+            reason = spec.validate(dict(zip(self._field_names, values, strict=True)))
+            if reason is not None:
+                raise RowRejected(reason)
+        digest = content_digest(values)
+        if self._key_pos is None:
+            key: str | None = digest.hex()
+        else:
+            key = row[self._key_pos].strip()
+            if spec.normalise_key is not None and key:
+                key = spec.normalise_key(key)
+                if key is None:
+                    raise RowRejected(f"invalid {spec.key_header!r}: {row[self._key_pos].strip()!r}")
+        if not key:
+            if spec.optional_entity:
+                return None
+            raise RowRejected(f"empty {spec.key_header!r}")
+        row_hash = hash64(digest)
+        return key, row_hash, (key, *values, *self._constants, row_hash)
+
+
+def _practitioner_fields() -> tuple[tuple[str, str], ...]:
+    return (
+        ("id_type", "Type d'identifiant PP"), ("id_pp", "Identifiant PP"),
+        ("exercise_civility_code", "Code civilité d'exercice"),
+        ("exercise_civility", "Libellé civilité d'exercice"),
+        ("civility_code", "Code civilité"), ("civility", "Libellé civilité"),
+        ("last_name", "Nom d'exercice"), ("first_name", "Prénom d'exercice"),
+        ("profession_code", "Code profession"), ("profession", "Libellé profession"),
+        ("category_code", "Code catégorie professionnelle"), ("category", "Libellé catégorie professionnelle"),
+    )
+
+
+PRACTITIONER = EntitySpec(
+    name="practitioners", table=Practitioner.__table__, key_column="id_nat_ps",  # type: ignore[arg-type]
+    key_header="Identification nationale PP", fields=_practitioner_fields(),
+)
+
+STRUCTURE = EntitySpec(
+    name="structures", table=Structure.__table__, key_column="structure_id",  # type: ignore[arg-type]
+    key_header="Identifiant technique de la structure", optional_entity=True,
+    fields=(
+        ("siret", "Numéro SIRET site"), ("siren", "Numéro SIREN site"), ("finess_site", "Numéro FINESS site"),
+        ("finess_legal", "Numéro FINESS établissement juridique"), ("name", "Raison sociale site"),
+        ("trade_name", "Enseigne commerciale site"),
+        ("addressee", "Complément destinataire (coord. structure)"),
+        ("geo_complement", "Complément point géographique (coord. structure)"),
+        ("street_number", "Numéro Voie (coord. structure)"),
+        ("street_repeat", "Indice répétition voie (coord. structure)"),
+        ("street_type_code", "Code type de voie (coord. structure)"),
+        ("street_type", "Libellé type de voie (coord. structure)"), ("street", "Libellé Voie (coord. structure)"),
+        ("distribution", "Mention distribution (coord. structure)"), ("cedex", "Bureau cedex (coord. structure)"),
+        ("postal_code", "Code postal (coord. structure)"), ("commune_code", "Code commune (coord. structure)"),
+        ("commune", "Libellé commune (coord. structure)"), ("country_code", "Code pays (coord. structure)"),
+        ("country", "Libellé pays (coord. structure)"), ("phone", "Téléphone (coord. structure)"),
+        ("phone2", "Téléphone 2 (coord. structure)"), ("fax", "Télécopie (coord. structure)"),
+        ("email", "Adresse e-mail (coord. structure)"), ("department_code", "Code Département (structure)"),
+        ("department", "Libellé Département (structure)"), ("former_id", "Ancien identifiant de la structure"),
+        ("registration_authority", "Autorité d'enregistrement"),
+    ),
+)
+
+ACTIVITY = EntitySpec(
+    name="activities", table=Activity.__table__, key_column="activity_key",  # type: ignore[arg-type]
+    required=("Identification nationale PP",),
+    fields=(
+        ("id_nat_ps", "Identification nationale PP"), ("structure_id", "Identifiant technique de la structure"),
+        ("know_how_type_code", "Code type savoir-faire"), ("know_how_type", "Libellé type savoir-faire"),
+        ("know_how_code", "Code savoir-faire"), ("know_how", "Libellé savoir-faire"),
+        ("practice_mode_code", "Code mode exercice"), ("practice_mode", "Libellé mode exercice"),
+        ("sector_code", "Code secteur d'activité"), ("sector", "Libellé secteur d'activité"),
+        ("pharmacist_section_code", "Code section tableau pharmaciens"),
+        ("pharmacist_section", "Libellé section tableau pharmaciens"),
+        ("role_code", "Code rôle"), ("role", "Libellé rôle"),
+        ("activity_kind_code", "Code genre activité"), ("activity_kind", "Libellé genre activité"),
+    ),
+)
+
+KNOW_HOW = EntitySpec(
+    name="know-how", table=KnowHow.__table__, key_column="know_how_key",  # type: ignore[arg-type]
+    required=("Identification nationale PP",),
+    fields=(
+        ("id_nat_ps", "Identification nationale PP"), ("profession_code", "Code profession"),
+        ("category_code", "Code catégorie professionnelle"), ("type_code", "Code type savoir-faire"),
+        ("type_label", "Libellé type savoir-faire"), ("code", "Code savoir-faire"),
+        ("label", "Libellé savoir-faire"),
+    ),
+)
+
+DIPLOMA = EntitySpec(
+    name="diplomas", table=Diploma.__table__, key_column="diploma_key",  # type: ignore[arg-type]
+    required=("Identification nationale PP",),
+    fields=(
+        ("id_nat_ps", "Identification nationale PP"), ("diploma_type_code", "Code type diplôme obtenu"),
+        ("diploma_type", "Libellé type diplôme obtenu"), ("diploma_code", "Code diplôme obtenu"),
+        ("diploma", "Libellé diplôme obtenu"), ("authorisation_type_code", "Code type autorisation"),
+        ("authorisation_type", "Libellé type autorisation"),
+        ("authorisation_discipline_code", "Code discipline autorisation"),
+        ("authorisation_discipline", "Libellé discipline autorisation"),
+    ),
+)
+
+
+def _check_mailbox(values: dict[str, str | None]) -> str | None:
+    kind = values["mailbox_type"]
+    if kind not in MAILBOX_TYPES:
+        return f"unknown mailbox type {kind!r}"
+    if kind in ("PER", "CAB") and not values["id_nat_ps"]:
+        return f"a {kind} mailbox without 'Identification nationale PP'"
+    return None
+
+
+MAILBOX = EntitySpec(
+    name="mailboxes", table=Mailbox.__table__, key_column="address_key",  # type: ignore[arg-type]
+    key_header="Adresse BAL", normalise_key=address_key, validate=_check_mailbox,
+    fields=(
+        ("address", "Adresse BAL"), ("mailbox_type", "Type de BAL"), ("id_type", "Type Identifiant PP"),
+        ("id_pp", "Identifiant PP"), ("id_nat_ps", "Identification nationale PP"),
+        ("structure_id_type", "Type identifiant structure"), ("structure_id", "Identification Structure"),
+        ("service", "Service de rattachement"), ("civility", "Civilité d'exercice"),
+        ("last_name", "Nom d'exercice"), ("first_name", "Prénom d'exercice"),
+        ("category_code", "Catégorie profession"), ("category", "Libellé de catégorie profession"),
+        ("profession_code", "Code Profession"), ("profession", "Libellé Profession"),
+        ("know_how_code", "Code savoir-faire"), ("know_how", "Libellé savoir-faire"),
+        ("dematerialisation", "Dématérialisation"), ("structure_name", "Raison Sociale structure BAL"),
+        ("structure_trade_name", "Enseigne commerciale structure BAL"),
+        ("address_line2", "L2COMPLEMENTLOCALISATION"), ("address_line3", "L3COMPLEMENTDISTRIBUTION"),
+        ("street_number", "L4NUMEROVOIE"), ("street_number_complement", "L4COMPLEMENTNUMEROVOIE"),
+        ("street_type", "NL4TYPEVOIE"), ("street", "L4LIBELLEVOIE"), ("locality", "L5LIEUDITMENTION"),
+        ("routing_line", "L6LIGNEACHEMINEMENT"), ("postal_code", "Code postal"), ("department", "Département"),
+        ("country", "Pays"),
+    ),
+    constants=(("liste_rouge", False), ("source", "extract")),
+)
+
+SPECS: dict[ExtractKind, tuple[EntitySpec, ...]] = {
+    ExtractKind.PERSONNE_ACTIVITE: (PRACTITIONER, STRUCTURE, ACTIVITY),
+    ExtractKind.SAVOIR_FAIRE: (KNOW_HOW,),
+    ExtractKind.DIPLOMES: (DIPLOMA,),
+    ExtractKind.MSSANTE: (MAILBOX,),
+}
