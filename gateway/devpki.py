@@ -86,6 +86,15 @@ class DevPkiDirectoryNotEmpty(DevPkiError):
                          f"remove it or choose another directory")
 
 
+class DevPkiUnwritable(DevPkiError):
+    """A file or directory of the PKI could not be created (permissions, a file in the way, a full disk)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot write the development PKI at {path}: {reason}")
+
+
 class DevPkiManifestInvalid(DevPkiError):
     """The manifest cannot be read as a development PKI of a known format."""
 
@@ -677,25 +686,40 @@ def create_dev_pki(directory: Path, *, domain: str = "dev.mssante.test", gateway
     """
     directory = directory.resolve()
     if (directory / MANIFEST).exists():
-        return load_dev_pki(directory)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        return _existing(directory, domain, gateway_hostname)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise DevPkiUnwritable(directory, exc.strerror or str(exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if (directory / MANIFEST).exists():
-            return load_dev_pki(directory)
+            return _existing(directory, domain, gateway_hostname)
         entries = sorted(os.listdir(directory))
         if entries:
             raise DevPkiDirectoryNotEmpty(directory, entries)
-        os.chmod(directory, 0o700)
         now = now if now is not None else dt.datetime.now(dt.UTC)
-        manifest = _generate(directory, domain, gateway_hostname, now)
-        tmp = directory / f".{MANIFEST}.tmp"
-        _Writer(directory).write(tmp.name, json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n", 0o644)
-        os.replace(tmp, directory / MANIFEST)
-        os.fsync(fd)
+        try:
+            os.chmod(directory, 0o700)
+            manifest = _generate(directory, domain, gateway_hostname, now)
+            tmp = directory / f".{MANIFEST}.tmp"
+            _Writer(directory).write(tmp.name, json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n",
+                                     0o644)
+            os.replace(tmp, directory / MANIFEST)
+            os.fsync(fd)
+        except OSError as exc:
+            raise DevPkiUnwritable(Path(exc.filename or directory), exc.strerror or str(exc)) from None
     finally:
         os.close(fd)  # closing the descriptor releases the lock
     pki = load_dev_pki(directory)
     log.info("created development PKI in %s for %s (%d certificates)", directory, domain, len(list(pki.certificates())))
+    return pki
+
+
+def _existing(directory: Path, domain: str, gateway_hostname: str) -> DevPki:
+    pki = load_dev_pki(directory)
+    if (pki.domain, pki.gateway_hostname) != (domain, gateway_hostname):
+        log.warning("development PKI in %s was made for %s / %s, not %s / %s; keeping it (remove it to regenerate)",
+                    directory, pki.domain, pki.gateway_hostname, domain, gateway_hostname)
     return pki

@@ -391,11 +391,26 @@ def test_concurrent_creators_make_one_pki(tmp_path: Path) -> None:
     assert devpki.load_dev_pki(target).revoked.serial == int(outputs[0][0])
 
 
-def test_domain_and_hostname_are_used(tmp_path: Path) -> None:
-    pki = devpki.create_dev_pki(tmp_path / "p", domain="ch-exemple.mssante.test", gateway_hostname="mx.ch-exemple.test")
+def test_domain_hostname_and_now_are_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    when = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC)
+    pki = devpki.create_dev_pki(tmp_path / "p", domain="ch-exemple.mssante.test", gateway_hostname="mx.ch-exemple.test",
+                                now=when)
     assert pki.practitioner("10001234567").email == "jeanne.exemple@ch-exemple.mssante.test"
-    san = cert(pki.tls_server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    gw = cert(pki.tls_server_cert)
+    san = gw.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["mx.ch-exemple.test", "localhost"]
+    assert gw.not_valid_before_utc == when - dt.timedelta(hours=1)
+    crl = x509.load_der_x509_crl(pki.personnes_crl_der.read_bytes())
+    assert crl.next_update_utc == when + dt.timedelta(days=30)
+    with caplog.at_level("WARNING", logger="gateway.devpki"):
+        assert devpki.create_dev_pki(tmp_path / "p") == pki
+    assert "made for ch-exemple.mssante.test" in caplog.text
+
+
+def test_unwritable_target_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(devpki.DevPkiUnwritable):
+        devpki.create_dev_pki(tmp_path / "file" / "pki")
 
 
 # --- the helpers, for variants other tests need -----------------------------------------------------------------
