@@ -38,7 +38,7 @@ _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _STOCK_REPLIES = {
     "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
     "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS is required",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 §4.5.3.1.6)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "500 Error: bad syntax": "500 5.5.2 Syntax error",
     "503 Error: need MAIL command": "503 5.5.1 Send MAIL FROM first",
@@ -120,7 +120,7 @@ class SubmissionHandler:
         data: bytes = envelope.original_content or b""
         if _BARE_CR_OR_LF.search(data):
             log.warning("DATA refused: bare CR or LF")
-            return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 §2.3.8)"
+            return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 section 2.3.8)"
         qid_hint = secrets.token_hex(4)
         message = self._received_header(session, qid_hint) + data
         try:
@@ -236,7 +236,8 @@ class SubmissionSMTP(SMTP):
             assert self.transport is not None
             self.transport.close()
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, message="535 5.7.8 Authentication failed: wrong login or password")
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Authentication failed: wrong login or password")
 
 
 def _never_called(*_args: Any) -> AuthResult:
