@@ -1,0 +1,77 @@
+"""Reading CMS (RFC 5652) safely and the small conversions between asn1crypto and cryptography.
+
+asn1crypto parses lazily: a truncated or garbage structure may pass `load` and fail later on first
+access. `load_content_info` forces the parse of everything once, so that every later access is safe
+and every failure is a `MalformedCms` with a reason.
+"""
+
+from __future__ import annotations
+
+from asn1crypto import cms
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from smime.errors import MalformedCms
+
+CONTENT_TYPES = ("signed_data", "enveloped_data", "authenticated_enveloped_data")
+
+
+def load_content_info(der: bytes) -> cms.ContentInfo:
+    """A fully parsed ContentInfo (RFC 5652 §3); BER and indefinite lengths accepted (§2)."""
+    if not der:
+        raise MalformedCms("empty input")
+    try:
+        info = cms.ContentInfo.load(der, strict=False)
+        kind = info["content_type"].native
+        if kind not in CONTENT_TYPES:
+            raise MalformedCms(f"content type {kind} is not signed, enveloped or authEnveloped data")
+        info.native  # noqa: B018  (forces the full parse: failures surface here, not later)
+    except MalformedCms:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise MalformedCms(f"{type(exc).__name__}: {exc}") from None
+    return info
+
+
+def to_asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
+    return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+
+def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(cert.dump())
+    except ValueError as exc:
+        raise MalformedCms(f"embedded certificate does not parse: {exc}") from None
+
+
+def issuer_and_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
+    a = to_asn1(cert)
+    return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
+
+
+def subject_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def identifies(rid: cms.RecipientIdentifier | cms.SignerIdentifier, cert: x509.Certificate) -> bool:
+    """Whether a SignerIdentifier or RecipientIdentifier names `cert` (RFC 5652 §5.3, §6.2.1)."""
+    if rid.name == "issuer_and_serial_number":
+        ias = rid.chosen
+        return bool(ias["serial_number"].native == cert.serial_number
+                    and ias["issuer"] == to_asn1(cert).issuer)
+    if rid.name == "subject_key_identifier":
+        return bool(rid.chosen.native == subject_key_id(cert))
+    return False
+
+
+def describe_identifier(rid: cms.RecipientIdentifier | cms.SignerIdentifier) -> str:
+    """A readable form of a SignerIdentifier or RecipientIdentifier, for errors and `inspect`."""
+    if rid.name == "issuer_and_serial_number":
+        return f"{rid.chosen['issuer'].human_friendly} serial {rid.chosen['serial_number'].native:x}"
+    if rid.name == "subject_key_identifier":
+        return f"subjectKeyIdentifier {rid.chosen.native.hex()}"
+    return str(rid.name)

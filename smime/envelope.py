@@ -1,0 +1,234 @@
+"""Encryption: EnvelopedData (RFC 5652 §6) with AES-CBC (RFC 3565), AuthEnvelopedData (RFC 5083) with
+AES-GCM (RFC 5084); RSA key transport with PKCS#1 v1.5 or OAEP (RFC 3560 / RFC 4055 §4).
+
+Encrypting needs only certificates. Decrypting unwraps the content-encryption key through a `Decrypter`,
+so the RSA step may happen on a card; AES stays on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from asn1crypto import algos, cms, core
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import padding as sym_padding
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from smime.algorithms import (
+    CIPHER_BY_OID_NAME,
+    CIPHERS,
+    ContentCipher,
+    hash_algorithm,
+    oaep_parameters,
+    read_oaep_parameters,
+    strong_hash,
+)
+from smime.cms import (
+    describe_identifier,
+    identifies,
+    issuer_and_serial,
+    load_content_info,
+)
+from smime.errors import (
+    DecryptionFailed,
+    MalformedCms,
+    NoRecipientInfo,
+    UnsupportedAlgorithm,
+)
+from smime.keys import Decrypter, HashName, KeyTransportPadding
+
+log = logging.getLogger(__name__)
+
+GCM_NONCE = 12  # RFC 5084 §3.2: 12 octets recommended
+GCM_TAG = 16  # RFC 5084 §3.2 allows 12..16; 16 is what OpenSSL and NSS write
+
+
+class GCMParameters(core.Sequence):  # type: ignore[misc]
+    """RFC 5084 §3.2 GCMParameters (asn1crypto has no type for it)."""
+
+    _fields = [  # noqa: RUF012 (asn1crypto's declarative style)
+        ("aes_nonce", core.OctetString),
+        ("aes_icvlen", core.Integer, {"default": 12}),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypted:
+    """The plaintext and how it was protected, for the verification report and `inspect`."""
+
+    content: bytes
+    structure: str
+    cipher: str
+    key_transport: str
+    recipients: int
+
+
+def _recipient_info(cert: x509.Certificate, cek: bytes, key_transport: KeyTransportPadding,
+                    oaep_hash: HashName) -> cms.RecipientInfo:
+    public_key = cert.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise UnsupportedAlgorithm(type(public_key).__name__, "recipient key")
+    pad: asym_padding.AsymmetricPadding
+    if key_transport == "oaep":
+        h = hash_algorithm(oaep_hash)
+        pad = asym_padding.OAEP(asym_padding.MGF1(h), h, None)
+        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": oaep_parameters(oaep_hash)})
+    else:
+        pad = asym_padding.PKCS1v15()
+        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()})
+    return cms.RecipientInfo(name="ktri", value=cms.KeyTransRecipientInfo({
+        "version": "v0",
+        "rid": cms.RecipientIdentifier(name="issuer_and_serial_number", value=issuer_and_serial(cert)),
+        "key_encryption_algorithm": alg,
+        "encrypted_key": public_key.encrypt(cek, pad),
+    }))
+
+
+def encrypt_content(content: bytes, recipients: Sequence[x509.Certificate], *,
+                    cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
+                    oaep_hash: HashName = "sha256") -> bytes:
+    """The DER ContentInfo of `content` encrypted to every recipient, with a fresh key (RFC 5084 §1).
+
+    CBC gives EnvelopedData v0; GCM gives AuthEnvelopedData v0, the only place GCM belongs
+    (OpenSSL refuses GCM inside EnvelopedData).
+    """
+    if not recipients:
+        raise ValueError("at least one recipient certificate is needed")
+    spec = CIPHERS[cipher]
+    cek = os.urandom(spec.key_size)
+    infos = [_recipient_info(c, cek, key_transport, oaep_hash) for c in recipients]
+    if spec.mode == "cbc":
+        iv = os.urandom(16)
+        padder = sym_padding.PKCS7(128).padder()
+        encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        ciphertext = encryptor.update(padder.update(content) + padder.finalize()) + encryptor.finalize()
+        eci = cms.EncryptedContentInfo({
+            "content_type": "data",
+            "content_encryption_algorithm": {"algorithm": spec.oid_name, "parameters": iv},
+            "encrypted_content": ciphertext,
+        })
+        enveloped = cms.EnvelopedData({"version": "v0", "recipient_infos": infos, "encrypted_content_info": eci})
+        der: bytes = cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
+        return der
+    nonce = os.urandom(GCM_NONCE)
+    encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+    ciphertext = encryptor.update(content) + encryptor.finalize()
+    params = core.Any.load(GCMParameters({"aes_nonce": nonce, "aes_icvlen": GCM_TAG}).dump())
+    eci = cms.EncryptedContentInfo({
+        "content_type": "data",
+        "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": spec.oid_name,
+                                                                   "parameters": params}),
+        "encrypted_content": ciphertext,
+    })
+    auth = cms.AuthEnvelopedData({"version": "v0", "recipient_infos": infos,
+                                  "auth_encrypted_content_info": eci, "mac": encryptor.tag})
+    der = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth}).dump()
+    return der
+
+
+async def decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
+    """Decrypt an EnvelopedData or AuthEnvelopedData (BER accepted) with our key (RFC 5652 §6.2.1)."""
+    info = load_content_info(der)
+    kind = info["content_type"].native
+    if kind == "enveloped_data":
+        eci = info["content"]["encrypted_content_info"]
+    elif kind == "authenticated_enveloped_data":
+        eci = info["content"]["auth_encrypted_content_info"]
+    else:
+        raise MalformedCms(f"expected EnvelopedData or AuthEnvelopedData, got {kind}")
+    ktri = _find_recipient(info["content"]["recipient_infos"], decrypter.certificate)
+    padding, oaep_hash = _key_transport(ktri["key_encryption_algorithm"])
+    try:
+        cek = await decrypter.decrypt_key(ktri["encrypted_key"].native, padding=padding, oaep_hash=oaep_hash)
+    except ValueError:
+        raise DecryptionFailed("the content-encryption key does not unwrap with our key") from None
+    alg = eci["content_encryption_algorithm"]
+    spec = CIPHER_BY_OID_NAME.get(str(alg["algorithm"].native))
+    if spec is None:
+        raise UnsupportedAlgorithm(str(alg["algorithm"].native), "content encryption")
+    if len(cek) != spec.key_size:
+        raise DecryptionFailed(f"unwrapped key has {len(cek)} bytes, {spec.name} needs {spec.key_size}")
+    ciphertext = eci["encrypted_content"].native
+    if ciphertext is None:
+        raise MalformedCms("encrypted content is absent (detached ciphertext is not supported)")
+    if kind == "enveloped_data":
+        if spec.mode != "cbc":
+            raise UnsupportedAlgorithm(f"{spec.name} inside EnvelopedData (RFC 5083 wants AuthEnvelopedData)",
+                                       "content encryption")
+        content = _decrypt_cbc(cek, alg["parameters"].native, ciphertext)
+    else:
+        if spec.mode != "gcm":
+            raise UnsupportedAlgorithm(f"{spec.name} inside AuthEnvelopedData", "content encryption")
+        content = _decrypt_gcm(cek, alg["parameters"], ciphertext, info["content"])
+    recipients = len(info["content"]["recipient_infos"])
+    return Decrypted(content, kind, spec.name, padding if padding == "pkcs1v15" else f"oaep-{oaep_hash}",
+                     recipients)
+
+
+def _find_recipient(infos: cms.RecipientInfos, cert: x509.Certificate) -> cms.KeyTransRecipientInfo:
+    present: list[str] = []
+    for ri in infos:
+        if ri.name != "ktri":
+            present.append(f"{ri.name} (not supported)")
+            continue
+        if identifies(ri.chosen["rid"], cert):
+            return ri.chosen
+        present.append(describe_identifier(ri.chosen["rid"]))
+    ours = f"{cert.issuer.rfc4514_string()} serial {cert.serial_number:x}"
+    raise NoRecipientInfo(ours, tuple(present))
+
+
+def _key_transport(alg: cms.KeyEncryptionAlgorithm) -> tuple[KeyTransportPadding, HashName]:
+    name = alg["algorithm"].native
+    if name == "rsaes_pkcs1v15":
+        return "pkcs1v15", "sha256"
+    if name == "rsaes_oaep":
+        oaep_hash = read_oaep_parameters(alg["parameters"])
+        try:
+            return "oaep", strong_hash(oaep_hash)
+        except UnsupportedAlgorithm:
+            raise UnsupportedAlgorithm(f"OAEP with {oaep_hash} (the key protocol offers SHA-256/384/512)",
+                                       "key transport") from None
+    raise UnsupportedAlgorithm(str(name), "key transport")
+
+
+def _decrypt_cbc(cek: bytes, iv: object, ciphertext: bytes) -> bytes:
+    if not isinstance(iv, bytes) or len(iv) != 16:
+        raise MalformedCms("AES-CBC parameters must be a 16-byte IV (RFC 3565 §4.1)")
+    if len(ciphertext) % 16 or not ciphertext:
+        raise DecryptionFailed(f"ciphertext of {len(ciphertext)} bytes is not a whole number of AES blocks")
+    decryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).decryptor()
+    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    unpadder = sym_padding.PKCS7(128).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError:
+        raise DecryptionFailed("bad CBC padding: wrong key or corrupted ciphertext") from None
+
+
+def _decrypt_gcm(cek: bytes, params: core.Any, ciphertext: bytes, auth: cms.AuthEnvelopedData) -> bytes:
+    try:
+        gcm = GCMParameters.load(params.dump())
+        nonce = gcm["aes_nonce"].native
+        icv_len = int(gcm["aes_icvlen"].native)
+    except (ValueError, TypeError) as exc:
+        raise MalformedCms(f"GCMParameters: {exc}") from None
+    tag = auth["mac"].native
+    if not 12 <= icv_len <= 16 or len(tag) != icv_len:
+        raise MalformedCms(f"GCM tag of {len(tag)} bytes, parameters say {icv_len} (RFC 5084 §3.2: 12 to 16)")
+    # RFC 5083 §2.1: the authenticated attributes, DER-encoded as a SET OF, are the AAD.
+    attrs = auth["auth_attrs"]
+    aad = cms.CMSAttributes(list(attrs)).dump() if attrs.native is not None else b""
+    decryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=12)).decryptor()
+    if aad:
+        decryptor.authenticate_additional_data(aad)
+    try:
+        return decryptor.update(ciphertext) + decryptor.finalize()
+    except InvalidTag:
+        raise DecryptionFailed("GCM tag mismatch: the ciphertext or its attributes were altered") from None

@@ -1,0 +1,185 @@
+"""Whole messages: sign, encrypt, sign-then-encrypt, and opening every S/MIME layer of what arrives.
+
+RFC 8551 §3.7 lets layers nest; the Direct AS order is sign then encrypt. On receipt each layer is
+peeled and reported separately, up to a depth limit, so a message built to nest without end is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from smime.algorithms import CIPHERS, ContentCipher
+from smime.certpath import DEFAULT_POLICY, TrustStore, ValidationPolicy
+from smime.cms import load_content_info
+from smime.envelope import Decrypted, decrypt_content, encrypt_content
+from smime.errors import MalformedMessage, NestingTooDeep, NoRecipientInfo
+from smime.keys import (
+    Decrypter,
+    HashName,
+    KeyTransportPadding,
+    SignaturePadding,
+    Signer,
+)
+from smime.mime import (
+    build_pkcs7_mime,
+    content_type,
+    decode_body,
+    field_name,
+    field_value,
+    join_message,
+    split_header_body,
+    split_message,
+    split_multipart_signed,
+    to_crlf,
+)
+from smime.report import VerificationReport
+from smime.signing import sign_entity
+from smime.verify import IdentityCheck, match_from_address, verify_signed_data
+
+log = logging.getLogger(__name__)
+
+MAX_DEPTH = 4
+PKCS7_MIME = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+
+
+def encrypt_entity(entity: bytes, recipients: Sequence[x509.Certificate], *,
+                   cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
+                   oaep_hash: HashName = "sha256") -> bytes:
+    """An application/pkcs7-mime entity holding `entity` (made CRLF) encrypted to `recipients` (RFC 8551 §3.3)."""
+    der = encrypt_content(to_crlf(entity), recipients, cipher=cipher, key_transport=key_transport,
+                          oaep_hash=oaep_hash)
+    smime_type = "authEnveloped-data" if CIPHERS[cipher].mode == "gcm" else "enveloped-data"
+    return build_pkcs7_mime(der, smime_type)
+
+
+def encrypt_message(message: bytes, recipients: Sequence[x509.Certificate], *,
+                    cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
+                    oaep_hash: HashName = "sha256") -> bytes:
+    """Encrypt the MIME entity of an RFC 5322 message; From/To/Subject stay readable to transport."""
+    outer, entity = split_message(message)
+    return join_message(outer, encrypt_entity(entity, recipients, cipher=cipher, key_transport=key_transport,
+                                              oaep_hash=oaep_hash))
+
+
+async def sign_and_encrypt(message: bytes, signer: Signer, recipients: Sequence[x509.Certificate], *,
+                           hash_name: HashName = "sha256", padding: SignaturePadding = "pkcs1v15",
+                           detached: bool = True, chain: Sequence[x509.Certificate] = (),
+                           cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
+                           oaep_hash: HashName = "sha256", signing_time: datetime.datetime | None = None,
+                           encrypt_to_sender: bool = True) -> bytes:
+    """Sign, then encrypt to every recipient and (by default) to the sender, as DESIGN.md flow 1 asks."""
+    outer, entity = split_message(message)
+    signed = await sign_entity(entity, signer, hash_name=hash_name, padding=padding, detached=detached,
+                               chain=chain, signing_time=signing_time)
+    to = list(recipients)
+    if encrypt_to_sender and signer.certificate not in to:
+        to.append(signer.certificate)
+    return join_message(outer, encrypt_entity(signed, to, cipher=cipher, key_transport=key_transport,
+                                              oaep_hash=oaep_hash))
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One S/MIME layer as found on receipt: its kind and, for encryption, how it was protected."""
+
+    kind: str
+    detail: str
+    decrypted: Decrypted | None = field(default=None, repr=False)
+    report: VerificationReport | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedMessage:
+    """A message with every S/MIME layer removed, the layers outermost first, and the sender's address."""
+
+    outer_fields: tuple[bytes, ...]
+    entity: bytes = field(repr=False)
+    layers: tuple[Layer, ...]
+    sender: str | None
+
+    @property
+    def message(self) -> bytes:
+        return join_message(list(self.outer_fields), self.entity)
+
+    @property
+    def reports(self) -> tuple[VerificationReport, ...]:
+        return tuple(layer.report for layer in self.layers if layer.report is not None)
+
+    @property
+    def encrypted(self) -> bool:
+        return any(layer.decrypted is not None for layer in self.layers)
+
+
+def sender_address(outer: Sequence[bytes]) -> str | None:
+    """The address of the From field (RFC 5322 §3.6.2), None when absent or unreadable."""
+    for f in outer:
+        if field_name(f) == "from":
+            pairs = email.utils.getaddresses([field_value(f)])
+            return pairs[0][1] or None if pairs else None
+    return None
+
+
+def smime_kind(entity: bytes) -> str | None:
+    """`signed`, `opaque-signed`, `enveloped` or None for a plain entity; decided by headers, then by the CMS."""
+    block, body = split_header_body(entity)
+    ctype = content_type(block)
+    if ctype.mime_type == "multipart/signed":
+        return "signed"
+    if ctype.mime_type not in PKCS7_MIME and not (
+            ctype.mime_type == "application/octet-stream"
+            and (ctype.param("name") or "").lower().endswith(".p7m")):
+        return None
+    smime_type = (ctype.param("smime-type") or "").lower()
+    if smime_type == "signed-data":
+        return "opaque-signed"
+    if smime_type in ("enveloped-data", "authenveloped-data"):
+        return "enveloped"
+    if smime_type == "certs-only":
+        return None
+    kind = load_content_info(decode_body(block, body))["content_type"].native
+    return "opaque-signed" if kind == "signed_data" else "enveloped"
+
+
+async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: TrustStore,
+                       at: datetime.datetime | None = None, policy: ValidationPolicy = DEFAULT_POLICY,
+                       identity_check: IdentityCheck | None = match_from_address,
+                       max_depth: int = MAX_DEPTH) -> OpenedMessage:
+    """Decrypt and verify every layer of a received message; signature verdicts are in the reports.
+
+    Raises only on what prevents reading: malformed structure, no key for us, failed decryption,
+    nesting deeper than `max_depth`. A failed signature is a report, never an exception.
+    """
+    outer, entity = split_message(message)
+    sender = sender_address(outer)
+    layers: list[Layer] = []
+    while (kind := smime_kind(entity)) is not None:
+        if len(layers) >= max_depth:
+            raise NestingTooDeep(len(layers) + 1, max_depth)
+        block, body = split_header_body(entity)
+        if kind == "signed":
+            parts = split_multipart_signed(entity)
+            report = verify_signed_data(parts.signature, parts.content, trust=trust, at=at, policy=policy,
+                                        micalg=parts.micalg, sender=sender, identity_check=identity_check)
+            layers.append(Layer("signed", "multipart/signed", report=report))
+            entity = report.content
+        elif kind == "opaque-signed":
+            report = verify_signed_data(decode_body(block, body), None, trust=trust, at=at, policy=policy,
+                                        sender=sender, identity_check=identity_check)
+            layers.append(Layer("signed", "application/pkcs7-mime signed-data", report=report))
+            entity = report.content
+        else:
+            if decrypter is None:
+                raise NoRecipientInfo("(no decryption key given)", ())
+            decrypted = await decrypt_content(decode_body(block, body), decrypter)
+            layers.append(Layer("encrypted", f"{decrypted.structure} {decrypted.cipher} {decrypted.key_transport}",
+                                decrypted=decrypted))
+            entity = to_crlf(decrypted.content)
+        if not entity.strip():
+            raise MalformedMessage(f"the {layers[-1].kind} layer holds no MIME entity")
+    return OpenedMessage(tuple(outer), entity, tuple(layers), sender)

@@ -1,0 +1,254 @@
+"""The MIME side of S/MIME (RFC 8551 §3): canonical form, multipart/signed and application/pkcs7-mime.
+
+Work is done on bytes, not on a re-serialised `email.message`, because a signature covers exact bytes:
+parsing and printing a part again could refold a header and break it. The email package is used only
+to re-encode 8-bit leaves before signing, when the bytes must change anyway (RFC 8551 §3.1.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email
+import email.message
+import email.policy
+import email.utils
+import io
+import quopri
+import re
+import secrets
+from dataclasses import dataclass
+from email.generator import BytesGenerator
+
+from smime.errors import MalformedMessage
+
+CRLF = b"\r\n"
+MAX_LINE = 998  # RFC 5322 §2.1.1
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_BARE_EOL = re.compile(rb"\r\n|\r|\n")
+_CONTENT_FIELD = re.compile(rb"(?i)^(content-[a-z0-9-]*|mime-version)\s*:")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Every line ending as CRLF: the canonical form of RFC 8551 §3.1.1 (bare CR and LF included)."""
+    return _BARE_EOL.sub(CRLF, data)
+
+
+def split_header_body(data: bytes) -> tuple[bytes, bytes]:
+    """The header block (with its final line ending) and the body, split at the first empty line."""
+    if data.startswith((b"\r\n", b"\n")):
+        return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
+    m = _HEADER_END.search(data)
+    if m is None:
+        return data, b""
+    first_eol = data.index(b"\n", m.start()) + 1
+    return data[:first_eol], data[m.end():]
+
+
+def header_fields(block: bytes) -> list[bytes]:
+    """The raw fields of a header block, continuation lines kept with their field (RFC 5322 §2.2.3)."""
+    fields: list[bytes] = []
+    for line in block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        elif line.strip():
+            fields.append(line)
+    return fields
+
+
+def field_name(field: bytes) -> str:
+    return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+
+
+def field_value(field: bytes) -> str:
+    raw = field.split(b":", 1)[1] if b":" in field else b""
+    return " ".join(raw.decode("utf-8", "replace").split())
+
+
+def get_header(block: bytes, name: str) -> str | None:
+    """The unfolded value of the first field called `name`, None when absent."""
+    name = name.lower()
+    for field in header_fields(block):
+        if field_name(field) == name:
+            return field_value(field)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ContentType:
+    """A parsed Content-Type (RFC 2045 §5.1): lower-case type and its parameters."""
+
+    mime_type: str
+    params: dict[str, str]
+
+    def param(self, name: str) -> str | None:
+        return self.params.get(name.lower())
+
+
+def content_type(block: bytes) -> ContentType:
+    """The Content-Type of an entity's header block; text/plain when absent (RFC 2045 §5.2)."""
+    value = get_header(block, "content-type")
+    if value is None:
+        return ContentType("text/plain", {})
+    msg = email.message.Message()
+    msg["Content-Type"] = value
+    params: dict[str, str] = {}
+    for key, val in msg.get_params(failobj=[])[1:]:
+        params[key.lower()] = email.utils.collapse_rfc2231_value(val)
+    return ContentType(msg.get_content_type(), params)
+
+
+def split_message(message: bytes) -> tuple[list[bytes], bytes]:
+    """Split an RFC 5322 message into its outer fields and the MIME entity that S/MIME protects.
+
+    The entity is the Content-* fields with the body (RFC 8551 §3.1); From, To, Subject and the
+    rest stay outside, as in every S/MIME agent. MIME-Version stays outside too.
+    """
+    block, body = split_header_body(message)
+    outer: list[bytes] = []
+    inner: list[bytes] = []
+    for field in header_fields(block):
+        name = field_name(field)
+        if name.startswith("content-"):
+            inner.append(field)
+        elif name != "mime-version":
+            outer.append(field)
+    if not inner:
+        inner = [b"Content-Type: text/plain; charset=us-ascii\r\n"]
+    return outer, to_crlf(b"".join(inner)) + CRLF + body
+
+
+def join_message(outer: list[bytes], entity: bytes) -> bytes:
+    """An RFC 5322 message from outer fields and a MIME entity (the reverse of split_message)."""
+    fields = [to_crlf(f if f.endswith((b"\n", b"\r")) else f + CRLF) for f in outer]
+    return b"".join(fields) + b"MIME-Version: 1.0\r\n" + entity
+
+
+def _needs_reencoding(entity: bytes) -> bool:
+    if any(b >= 0x80 or b == 0 for b in entity):
+        return True
+    return any(len(line) > MAX_LINE for line in entity.split(CRLF))
+
+
+def canonicalize(entity: bytes) -> bytes:
+    """The canonical, 7-bit form of a MIME entity, ready to be signed (RFC 8551 §3.1.1, §3.1.3).
+
+    CRLF line endings; 8-bit or over-long leaves re-encoded (text as quoted-printable, the rest as
+    base64) so that no later hop needs to touch the signed bytes. A 7-bit entity only gets CRLF.
+    """
+    entity = to_crlf(entity)
+    if not _needs_reencoding(entity):
+        return entity
+    policy = email.policy.compat32.clone(linesep="\r\n")
+    msg = email.message_from_bytes(entity, policy=policy)
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            continue
+        raw = part.get_payload(decode=True)
+        payload = raw if isinstance(raw, bytes) else b""
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            text = payload.replace(b"\r\n", b"\n")
+            part.set_payload(quopri.encodestring(text).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(base64.encodebytes(payload).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "base64"
+    out = io.BytesIO()
+    BytesGenerator(out, mangle_from_=False, maxheaderlen=0, policy=policy).flatten(msg)
+    return to_crlf(out.getvalue())
+
+
+def base64_lines(data: bytes) -> bytes:
+    """Base64 in 76-character CRLF lines (RFC 2045 §6.8)."""
+    return to_crlf(base64.encodebytes(data))
+
+
+def new_boundary(content: bytes) -> str:
+    while True:
+        boundary = "----=_smime_" + secrets.token_hex(12)
+        if boundary.encode() not in content:
+            return boundary
+
+
+def build_multipart_signed(content: bytes, signature: bytes, micalg: str) -> bytes:
+    """The multipart/signed entity of RFC 1847 §2.1 / RFC 8551 §3.5.3 around a canonical content part."""
+    boundary = new_boundary(content)
+    head = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg={micalg};\r\n'
+            f' boundary="{boundary}"\r\n\r\n'
+            "This is an S/MIME signed message\r\n\r\n").encode()
+    sig_part = (b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+                b"Content-Transfer-Encoding: base64\r\n"
+                b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
+                b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n") + base64_lines(signature)
+    b = boundary.encode()
+    return (head + b"--" + b + CRLF + content + CRLF + b"--" + b + CRLF + sig_part + CRLF
+            + b"--" + b + b"--" + CRLF)
+
+
+def build_pkcs7_mime(der: bytes, smime_type: str) -> bytes:
+    """An application/pkcs7-mime entity (RFC 8551 §3.2): enveloped-data, signed-data, authEnveloped-data."""
+    name = "smime.p7m"
+    head = (f'Content-Type: application/pkcs7-mime; smime-type={smime_type}; name="{name}"\r\n'
+            "Content-Transfer-Encoding: base64\r\n"
+            f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
+    return head + base64_lines(der)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedParts:
+    """The two parts of a multipart/signed entity, the content exactly as it came."""
+
+    content: bytes
+    signature: bytes
+    micalg: str | None
+    protocol: str | None
+
+
+def split_multipart_signed(entity: bytes) -> SignedParts:
+    """Cut a multipart/signed entity into its content bytes and its signature (RFC 1847 §2.1, RFC 2046 §5.1.1).
+
+    The line break before each delimiter belongs to the delimiter, not to the part before it.
+    """
+    block, body = split_header_body(entity)
+    ctype = content_type(block)
+    boundary = ctype.param("boundary")
+    if ctype.mime_type != "multipart/signed" or not boundary:
+        raise MalformedMessage(f"expected multipart/signed with a boundary, got {ctype.mime_type}")
+    delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode()) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    marks = list(delim.finditer(body))
+    closing = next((i for i, m in enumerate(marks) if m.group(1)), None)
+    if closing is None:
+        raise MalformedMessage("multipart/signed has no closing delimiter")
+    if closing != 2:
+        raise MalformedMessage(f"multipart/signed must have exactly two parts, found {closing}")
+    parts = []
+    for start, end in ((marks[0].end(), marks[1].start()), (marks[1].end(), marks[2].start())):
+        part = body[start:end]
+        if part.endswith(b"\r\n"):
+            part = part[:-2]
+        elif part.endswith(b"\n"):
+            part = part[:-1]
+        parts.append(part)
+    sig_block, sig_body = split_header_body(parts[1])
+    sig_type = content_type(sig_block).mime_type
+    if sig_type not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
+        raise MalformedMessage(f"second part of multipart/signed is {sig_type}, not application/pkcs7-signature")
+    return SignedParts(parts[0], decode_body(sig_block, sig_body), ctype.param("micalg"), ctype.param("protocol"))
+
+
+def decode_body(block: bytes, body: bytes) -> bytes:
+    """The body of a part with its Content-Transfer-Encoding undone (base64, quoted-printable, or none)."""
+    cte = (get_header(block, "content-transfer-encoding") or "7bit").lower()
+    if cte == "base64":
+        try:
+            return base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedMessage(f"base64 body does not decode: {exc}") from None
+    if cte == "quoted-printable":
+        return quopri.decodestring(body)
+    return body
