@@ -7,10 +7,14 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -501,3 +505,64 @@ def test_cli_show_one_line_per_certificate_with_fingerprint(dev_pki: DevPki, cap
         assert f"serial={c.serial_number:x}" in line
     assert "GN=Jeanne" in lines[4] and "CN=810001234567" in lines[4]
     assert "PRIVATE KEY" not in "\n".join(lines)
+
+
+# --- the certificates in use: a real TLS handshake and real S/MIME, by openssl ---------------------------------
+
+@needs_openssl
+def test_tls_handshake_with_gateway_certificate_and_practitioner_client_certificate(dev_pki: DevPki) -> None:
+    """Server side: Python's ssl with the chain file; client side: openssl s_client with a card-style auth cert."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(dev_pki.tls_server_chain, dev_pki.tls_server_key)
+    ctx.load_verify_locations(dev_pki.ca_bundle)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    peer: list[Any] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                peer.append(tls.getpeercert() or {})
+                tls.sendall(b"bonjour\n")
+                tls.unwrap()  # close_notify, so the client sees a clean end of the session
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        p = dev_pki.practitioner("10001234567")
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(dev_pki.ca_bundle),
+             "-verify_return_error", "-verify_hostname", dev_pki.gateway_hostname,
+             "-cert", str(p.auth_cert), "-key", str(p.auth_key), "-brief", "-ign_eof"],
+            check=False, input="", capture_output=True, text=True, timeout=30)
+        thread.join(timeout=30)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert "Verification: OK" in result.stderr and "bonjour" in result.stdout
+    subject = dict(item for rdn in peer[0]["subject"] for item in rdn)
+    assert subject["commonName"] == p.id_nat and subject["surname"] == p.surname
+
+
+@needs_openssl
+def test_openssl_cms_signs_with_the_signature_key_and_encrypts_to_the_auth_certificate(
+        dev_pki: DevPki, tmp_path: Path) -> None:
+    p = dev_pki.practitioner("10001234567")
+    message = tmp_path / "msg.txt"
+    message.write_bytes(b"Content-Type: text/plain\r\n\r\nCompte rendu de consultation.\r\n")
+    signed, enveloped, out = tmp_path / "signed.eml", tmp_path / "enveloped.eml", tmp_path / "out.eml"
+    anchors = tmp_path / "anchors.pem"  # `openssl cms` has no -CRLfile: the CA file carries the CRLs too
+    anchors.write_bytes(dev_pki.root_cert.read_bytes() + dev_pki.crls_pem.read_bytes())
+    run("openssl", "cms", "-sign", "-signer", p.sign_cert, "-inkey", p.sign_key, "-certfile", dev_pki.personnes_cert,
+        "-in", message, "-out", signed, check=True)
+    verified = run("openssl", "cms", "-verify", "-CAfile", anchors, "-purpose", "smimesign", "-crl_check", "-in", signed, "-out", out)
+    assert verified.returncode == 0, verified.stderr
+    assert out.read_bytes().replace(b"\r\n", b"\n").endswith(b"Compte rendu de consultation.\n")
+    run("openssl", "cms", "-encrypt", "-aes256", "-in", message, "-out", enveloped, p.auth_cert, check=True)
+    run("openssl", "cms", "-decrypt", "-recip", p.auth_cert, "-inkey", p.auth_key, "-in", enveloped, "-out", out,
+        check=True)
+    assert out.read_bytes().replace(b"\r\n", b"\n") == message.read_bytes().replace(b"\r\n", b"\n")
+    r = dev_pki.revoked
+    run("openssl", "cms", "-sign", "-signer", r.sign_cert, "-inkey", r.sign_key, "-certfile", dev_pki.personnes_cert,
+        "-in", message, "-out", signed, check=True)
+    rejected = run("openssl", "cms", "-verify", "-CAfile", anchors, "-crl_check", "-in", signed, "-out", out)
+    assert rejected.returncode != 0 and "certificate revoked" in rejected.stderr
