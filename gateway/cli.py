@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mssgw ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
 
 
 def add_command(sub: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
