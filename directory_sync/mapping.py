@@ -70,6 +70,7 @@ class EntitySpec:
     fields: tuple[tuple[str, str], ...]
     key_header: str | None = None
     required: tuple[str, ...] = ()
+    needed: tuple[str, ...] = ()
     optional_entity: bool = False
     constants: tuple[tuple[str, Any], ...] = ()
     normalise_key: Callable[[str], str | None] | None = None
@@ -80,8 +81,8 @@ class EntitySpec:
         return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash")
 
     def bind(self, reader: ExtractReader) -> BoundEntity:
-        missing = [h for h in (*self.required, *(() if self.key_header is None else (self.key_header,)))
-                   if reader.column(h) is None]
+        key = () if self.key_header is None else (self.key_header,)
+        missing = [h for h in dict.fromkeys((*key, *self.required, *self.needed)) if reader.column(h) is None]
         if missing:
             raise MissingColumns(reader.source.name, reader.kind.value, tuple(missing))
         return BoundEntity(self, reader)
@@ -157,6 +158,7 @@ def _practitioner_fields() -> tuple[tuple[str, str], ...]:
 PRACTITIONER = EntitySpec(
     name="practitioners", table=Practitioner.__table__, key_column="id_nat_ps",  # type: ignore[arg-type]
     key_header="Identification nationale PP", fields=_practitioner_fields(),
+    needed=("Type d'identifiant PP", "Identifiant PP", "Nom d'exercice", "Prénom d'exercice"),
 )
 
 STRUCTURE = EntitySpec(
@@ -236,6 +238,7 @@ def _check_mailbox(values: dict[str, str | None]) -> str | None:
 MAILBOX = EntitySpec(
     name="mailboxes", table=Mailbox.__table__, key_column="address_key",  # type: ignore[arg-type]
     key_header="Adresse BAL", normalise_key=address_key, validate=_check_mailbox,
+    needed=("Type de BAL", "Identification nationale PP", "Identification Structure"),
     fields=(
         ("address", "Adresse BAL"), ("mailbox_type", "Type de BAL"), ("id_type", "Type Identifiant PP"),
         ("id_pp", "Identifiant PP"), ("id_nat_ps", "Identification nationale PP"),

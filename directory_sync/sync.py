@@ -174,8 +174,11 @@ def _rows(reader: ExtractReader, progress: Progress | None, phase: str) -> Itera
     total = reader.source.size
     callback = None if progress is None else (lambda done: progress(phase, done, total))
     yield from reader.rows(callback)
+
+
+def _done(reader: ExtractReader, progress: Progress | None, phase: str) -> None:
     if progress is not None:
-        progress(phase, total, total)
+        progress(phase, reader.source.size, reader.source.size)
 
 
 def _bulk_load(
@@ -201,6 +204,7 @@ def _bulk_load(
     for sql, batch in zip(sqls, batches, strict=True):
         if batch:
             conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
+    _done(reader, progress, "load")
     for change, e in zip(report.tables, entities, strict=True):
         change.inserted = _count(conn, e.table)
 
@@ -242,6 +246,7 @@ def _diff_load(
     for sql, batch in zip(stage_sql, batches, strict=True):
         if batch:
             conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
+    _done(reader, progress, "compare")
 
     # The difference, computed by the database.
     for i, (e, change, stage) in enumerate(zip(entities, report.tables, names, strict=True)):
@@ -285,8 +290,9 @@ def _diff_load(
                     upserts[ent].append(item[2])
                     if len(upserts[ent]) >= BATCH:
                         _flush(conn, upsert_sql[ent], upserts[ent])
-    for sql, batch in zip(upsert_sql, upserts, strict=True):
-        _flush(conn, sql, batch)
+        for sql, batch in zip(upsert_sql, upserts, strict=True):
+            _flush(conn, sql, batch)
+        _done(again, progress, "apply")
 
 
 def _flush(conn: Connection, sql: str, batch: list[tuple[Any, ...]]) -> None:

@@ -153,10 +153,6 @@ def mssante_lines(
         city = rng.choice(CITIES)
         service = rng.choice(SERVICES)
         per = rng.random() < 0.85
-        if chg.random() < removed_share:
-            continue
-        if changed_share and chg.random() < changed_share:
-            service = "Service " + chg.choice(("A", "B", "C", "D")) + str(chg.randrange(100))
         if per:
             rpps = luhn_complete(f"10{i + 1:08d}")
             local = f"{_ascii_local(first, last)}.{i}"
@@ -170,6 +166,10 @@ def mssante_lines(
             fields = ["ORG", f"secretariat.{i}@{domain}", "", "", "", "1", "1" + finess, service or "Direction", "",
                       "", "", "", "", "", "", "", "", "", f"CENTRE HOSPITALIER DE {city[2]}", "", "", "", "1", "",
                       "AV", "DE LA GARE", "", f"{city[0]} {city[2]}", city[0], city[3], "FRANCE"]
+        if removed_share and chg.random() < removed_share:
+            continue
+        if changed_share and chg.random() < changed_share:
+            fields[7] = "Service " + chg.choice(("A", "B", "C", "D")) + str(chg.randrange(100))
         line = "|".join(fields) + eol
         if first_line is None:
             first_line = line

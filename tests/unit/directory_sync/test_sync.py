@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from directory_sync.errors import DeletionBrake, MissingColumns
+from directory_sync.extracts import ExtractKind, sources
+from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun
+from directory_sync.sync import import_paths, sync_source
+from directory_sync.synthetic import (
+    mssante_lines,
+    personne_activite_lines,
+    write_extract,
+)
+
+
+def _count(engine: Engine, model: type) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def _dump(engine: Engine, model: type) -> list[tuple[object, ...]]:
+    table = model.__table__  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(table).order_by(*table.primary_key.columns)).all()]
+
+
+def _expected(path: Path, column: int) -> set[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return {line.split("|")[column] for line in lines if line.split("|")[column]}
+
+
+def test_full_import_of_personne_activite(engine: Engine, tmp_path: Path) -> None:
+    path = write_extract(tmp_path / "pa.txt", personne_activite_lines(400))
+    (report,) = import_paths(engine, [path])
+    assert report.kind is ExtractKind.PERSONNE_ACTIVITE
+    assert report.rows_read == 400
+    assert report.malformed_count == 0
+    assert _count(engine, Practitioner) == len(_expected(path, 2))
+    assert _count(engine, Structure) == len(_expected(path, 23))
+    assert _count(engine, Activity) == 400  # the generator makes no identical activity twice
+    by_table = {t.table: t for t in report.tables}
+    assert by_table["practitioners"].inserted == len(_expected(path, 2))
+    with engine.connect() as conn:
+        p = conn.execute(select(Practitioner.id_type, Practitioner.id_pp, Practitioner.last_name)
+                         .where(Practitioner.id_nat_ps == "810000000017")).one()
+    assert (p.id_type, p.id_pp) == ("8", "10000000017")
+    assert p.last_name
+
+
+def test_reimporting_the_same_file_changes_nothing_and_says_so(engine: Engine, tmp_path: Path) -> None:
+    path = write_extract(tmp_path / "m.txt", mssante_lines(300))
+    import_paths(engine, [path])
+    before = _dump(engine, Mailbox)
+    (again,) = import_paths(engine, [path])
+    assert not again.changed
+    assert "nothing changed" in again.summary()
+    assert _dump(engine, Mailbox) == before
+    with engine.connect() as conn:
+        statuses = conn.execute(select(SyncRun.status).order_by(SyncRun.id)).scalars().all()
+    assert statuses == ["ok", "unchanged"]
+
+
+@pytest.mark.parametrize("factory", ["personne_activite", "mssante"])
+def test_a_diff_sync_ends_exactly_where_a_fresh_import_would(engine: Engine, tmp_path: Path, factory: str) -> None:
+    make = personne_activite_lines if factory == "personne_activite" else mssante_lines
+    old = write_extract(tmp_path / "old.txt", make(500))
+    new = write_extract(tmp_path / "new.txt", make(500, changed_share=0.05, removed_share=0.03))
+    import_paths(engine, [old])
+    (report,) = import_paths(engine, [new])
+    assert report.changed
+    assert sum(t.updated + t.inserted for t in report.tables) > 0
+    assert sum(t.deleted for t in report.tables) > 0
+    models = (Practitioner, Structure, Activity) if factory == "personne_activite" else (Mailbox,)
+    synced = {m.__name__: _dump(engine, m) for m in models}
+    with engine.begin() as conn:
+        for m in models:
+            conn.execute(m.__table__.delete())  # type: ignore[attr-defined]
+    import_paths(engine, [new])
+    fresh = {m.__name__: _dump(engine, m) for m in models}
+    assert synced == fresh
+
+
+def test_the_brake_refuses_a_large_deletion_and_keeps_the_directory(engine: Engine, tmp_path: Path) -> None:
+    full = write_extract(tmp_path / "full.txt", mssante_lines(300))
+    truncated = write_extract(tmp_path / "trunc.txt", list(mssante_lines(300))[:201])
+    import_paths(engine, [full])
+    before = _dump(engine, Mailbox)
+    with pytest.raises(DeletionBrake) as caught:
+        import_paths(engine, [truncated])
+    assert caught.value.would_delete == 100
+    assert caught.value.existing == 300
+    assert _dump(engine, Mailbox) == before
+    with engine.connect() as conn:
+        last = conn.execute(select(SyncRun.status, SyncRun.message).order_by(SyncRun.id.desc()).limit(1)).one()
+    assert last.status == "refused"
+    assert "refusing to delete 100 of 300" in (last.message or "")
+    (forced,) = import_paths(engine, [truncated], force=True)
+    assert forced.tables[0].deleted == 100
+    assert _count(engine, Mailbox) == 200
+
+
+def test_the_brake_share_is_configurable(engine: Engine, tmp_path: Path) -> None:
+    import_paths(engine, [write_extract(tmp_path / "a.txt", mssante_lines(100))])
+    smaller = write_extract(tmp_path / "b.txt", list(mssante_lines(100))[:81])
+    with pytest.raises(DeletionBrake):
+        import_paths(engine, [smaller], max_delete_share=0.15)
+    (report,) = import_paths(engine, [smaller], max_delete_share=0.25)
+    assert report.tables[0].deleted == 20
+
+
+def test_a_failure_midway_leaves_the_previous_directory(engine: Engine, tmp_path: Path) -> None:
+    import_paths(engine, [write_extract(tmp_path / "a.txt", mssante_lines(200))])
+    before = _dump(engine, Mailbox)
+    changed = write_extract(tmp_path / "b.txt", mssante_lines(200, changed_share=0.5))
+
+    def explode(phase: str, done: int, total: int) -> None:
+        if phase == "apply" and done == total:
+            raise RuntimeError("disk full")
+
+    (source,) = sources(changed)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sync_source(engine, source, progress=explode)
+    assert _dump(engine, Mailbox) == before
+    with engine.connect() as conn:
+        assert conn.execute(select(SyncRun.status).order_by(SyncRun.id.desc()).limit(1)).scalar_one() == "failed"
+
+
+def test_malformed_rows_are_reported_and_the_rest_syncs(engine: Engine, tmp_path: Path) -> None:
+    lines = list(mssante_lines(50))
+    lines[10] = "XYZ" + lines[10][3:]  # unknown mailbox type
+    kind, _address, rest = lines[20].split("|", 2)
+    lines[20] = f"{kind}|pas-une-adresse|{rest}"
+    lines[30] = "PER|a@b.fr|8\n"
+    (report,) = import_paths(engine, [write_extract(tmp_path / "m.txt", lines)])
+    reasons = {m.line: m.reason for m in report.malformed}
+    assert reasons == {
+        11: "unknown mailbox type 'XYZ'",
+        21: "invalid 'Adresse BAL': 'pas-une-adresse'",
+        31: "3 fields where the header has 31",
+    }
+    assert report.rows_read == 47
+    assert _count(engine, Mailbox) == 47
+
+
+def test_duplicate_addresses_keep_the_first_row(engine: Engine, tmp_path: Path) -> None:
+    lines = list(mssante_lines(20))
+    dup = lines[5].replace("|FRANCE", "|ITALIE")
+    lines.insert(12, dup)
+    path = write_extract(tmp_path / "m.txt", lines)
+    import_paths(engine, [path])
+    assert _count(engine, Mailbox) == 20
+    address = lines[5].split("|")[1]
+    with engine.connect() as conn:
+        country = conn.execute(select(Mailbox.country).where(Mailbox.address == address)).scalar_one()
+    assert country == "FRANCE"
+    (again,) = import_paths(engine, [path])
+    assert not again.changed
+
+
+def test_columns_are_mapped_by_name_not_position(engine: Engine, tmp_path: Path) -> None:
+    rows = [line.rstrip("\n").split("|") for line in mssante_lines(30)]
+    order = list(reversed(range(len(rows[0]))))
+    shuffled = ["|".join(r[i] for i in order) + "\n" for r in rows]
+    import_paths(engine, [write_extract(tmp_path / "s.txt", shuffled)])
+    with_shuffle = _dump(engine, Mailbox)
+    with engine.begin() as conn:
+        conn.execute(Mailbox.__table__.delete())
+    import_paths(engine, [write_extract(tmp_path / "n.txt", mssante_lines(30))])
+    assert _dump(engine, Mailbox) == with_shuffle
+
+
+def test_a_file_without_a_needed_column_is_refused(engine: Engine, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Type de BAL|Adresse BAL|Nom d'exercice\nPER|a@b.fr|X\n", encoding="utf-8")
+    with pytest.raises(MissingColumns, match="Identification nationale PP"):
+        import_paths(engine, [bad])
+
+
+def test_52_then_56_column_files(engine: Engine, tmp_path: Path) -> None:
+    import_paths(engine, [write_extract(tmp_path / "old.txt", personne_activite_lines(100, recent=False))])
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(Activity.role_code.is_not(None))).scalar_one() == 0
+    (report,) = import_paths(engine, [write_extract(tmp_path / "new.txt", personne_activite_lines(100))], force=True)
+    by_table = {t.table: t for t in report.tables}
+    assert by_table["activities"].deleted == by_table["activities"].inserted == 100
+    assert by_table["practitioners"].updated == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(Activity.role_code == "FON-01")).scalar_one() == 100
+
+
+def test_zipped_extract_imports_like_the_plain_file(engine: Engine, tmp_path: Path) -> None:
+    zipped = write_extract(tmp_path / "Extraction_Correspondance_MSSante.zip", mssante_lines(120, crlf=True),
+                           zipped=True, member="Extraction_Correspondance_MSSante_202608260800.txt")
+    (report,) = import_paths(engine, [zipped])
+    assert report.source.endswith("!Extraction_Correspondance_MSSante_202608260800.txt")
+    assert _count(engine, Mailbox) == 120
+    (again,) = import_paths(engine, [zipped])
+    assert not again.changed
