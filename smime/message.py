@@ -68,18 +68,24 @@ def encrypt_message(message: bytes, recipients: Sequence[x509.Certificate], *,
 
 
 async def sign_and_encrypt(message: bytes, signer: Signer, recipients: Sequence[x509.Certificate], *,
+                           sender_encryption_certificate: x509.Certificate | None = None,
                            hash_name: HashName = "sha256", padding: SignaturePadding = "pkcs1v15",
                            detached: bool = True, chain: Sequence[x509.Certificate] = (),
                            cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
-                           oaep_hash: HashName = "sha256", signing_time: datetime.datetime | None = None,
-                           encrypt_to_sender: bool = True) -> bytes:
-    """Sign, then encrypt to every recipient and (by default) to the sender, as DESIGN.md flow 1 asks."""
+                           oaep_hash: HashName = "sha256", signing_time: datetime.datetime | None = None) -> bytes:
+    """Sign, then encrypt to every recipient and to the sender (DESIGN.md flow 1, the Direct AS order).
+
+    `sender_encryption_certificate` is the sender's own encryption certificate (a CPS card's
+    authentication certificate, not its non-repudiation one): it is added to the recipients, so the
+    sender can read their copy, and named in SMIMEEncryptionKeyPreference (RFC 8551 §2.5.3).
+    """
     outer, entity = split_message(message)
     signed = await sign_entity(entity, signer, hash_name=hash_name, padding=padding, detached=detached,
-                               chain=chain, signing_time=signing_time)
+                               chain=chain, signing_time=signing_time,
+                               encryption_certificate=sender_encryption_certificate)
     to = list(recipients)
-    if encrypt_to_sender and signer.certificate not in to:
-        to.append(signer.certificate)
+    if sender_encryption_certificate is not None and sender_encryption_certificate not in to:
+        to.append(sender_encryption_certificate)
     return join_message(outer, encrypt_entity(signed, to, cipher=cipher, key_transport=key_transport,
                                               oaep_hash=oaep_hash))
 

@@ -128,7 +128,7 @@ def join_message(outer: list[bytes], entity: bytes) -> bytes:
 def _needs_reencoding(entity: bytes) -> bool:
     if any(b >= 0x80 or b == 0 for b in entity):
         return True
-    return any(len(line) > MAX_LINE for line in entity.split(CRLF))
+    return any(len(line) > MAX_LINE for line in _BARE_EOL.split(entity))
 
 
 def canonicalize(entity: bytes) -> bytes:
@@ -137,9 +137,8 @@ def canonicalize(entity: bytes) -> bytes:
     CRLF line endings; 8-bit or over-long leaves re-encoded (text as quoted-printable, the rest as
     base64) so that no later hop needs to touch the signed bytes. A 7-bit entity only gets CRLF.
     """
-    entity = to_crlf(entity)
     if not _needs_reencoding(entity):
-        return entity
+        return to_crlf(entity)
     policy = email.policy.compat32.clone(linesep="\r\n")
     msg = email.message_from_bytes(entity, policy=policy)
     for part in msg.walk():

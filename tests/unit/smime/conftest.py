@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.devpki import DevPki, create_dev_pki
+from gateway.devpki import (
+    DevPki,
+    create_dev_pki,
+    issue_certificate,
+    load_certificate,
+    load_private_key,
+    new_rsa_key,
+    practitioner_name,
+)
 from smime.certpath import TrustStore
 from smime.filekeys import FileKey
 
@@ -64,3 +75,36 @@ def trust(pki: DevPki) -> TrustStore:
 def anchors_only(pki: DevPki) -> TrustStore:
     """The root and the CRLs, no intermediates: what the message carries must complete the path."""
     return TrustStore.from_pem(pki.root_cert.read_bytes(), pki.crls_pem.read_bytes())
+
+
+class Issuer:
+    """Issues odd signer certificates from the PERSONNES CA of the dev PKI (expired, weak, SHA-1, ...)."""
+
+    def __init__(self, pki: DevPki) -> None:
+        self.pki = pki
+        self.ca_cert = load_certificate(pki.personnes_cert)
+        self.ca_key = load_private_key(pki.personnes_key)
+
+    def signer(self, *, bits: int = 2048, email: str = "jeanne.exemple@dev.mssante.test",
+               rpps: str = "10001234567", **kwargs: Any) -> FileKey:
+        key = new_rsa_key(bits)
+        cert = issue_certificate(self.ca_cert, self.ca_key, practitioner_name(rpps, "EXEMPLE", "Jeanne", "Médecin"),
+                                 key.public_key(), profile=kwargs.pop("profile", "signature"),
+                                 sans=[x509.RFC822Name(email)], **kwargs)
+        return FileKey(cert, key, (self.ca_cert,))
+
+
+@pytest.fixture(scope="session")
+def issuer(pki: DevPki) -> Issuer:
+    return Issuer(pki)
+
+
+@pytest.fixture(scope="session")
+def weak_key() -> rsa.RSAPrivateKey:
+    return new_rsa_key(1024)
+
+
+@pytest.fixture
+def message() -> bytes:
+    """A plain message from Jeanne EXEMPLE to Paul TESTEUR."""
+    return MESSAGE
