@@ -38,7 +38,7 @@ from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-CONF_NAME = "dovecot.conf"
+CONF_NAME = "mssgw-dovecot.conf"  # not dovecot.conf: Dovecot makes that a symlink to the file it runs
 SQL_CONF_NAME = "dovecot-sql.conf.ext"
 
 # Restart back-off after an unexpected exit: doubles from the first value up to the last; reset after a stable run.
@@ -182,7 +182,7 @@ userdb {{
 mail_location = maildir:~/Maildir
 mail_uid = {mb.mail_user}
 mail_gid = {mb.mail_user}
-{uid_range}umask = 0077
+{uid_range}
 lda_mailbox_autocreate = yes
 lmtp_save_to_detail_mailbox = no
 
