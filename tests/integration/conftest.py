@@ -54,7 +54,7 @@ ACCOUNTS_DDL = """CREATE TABLE IF NOT EXISTS accounts (
 
 def ensure_mail_user(name: str = MAIL_USER) -> None:
     """Create the unprivileged mail user as the Makefile does, if it is missing (idempotent)."""
-    if subprocess.run(["id", "-u", name], capture_output=True).returncode == 0:
+    if subprocess.run(["id", "-u", name], check=False, capture_output=True).returncode == 0:
         return
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                    check=True, capture_output=True)

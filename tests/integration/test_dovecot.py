@@ -99,7 +99,7 @@ def split_added_headers(fetched: bytes, original: bytes) -> list[bytes]:
     """The names of the header fields Dovecot put in front of the original message."""
     assert fetched.endswith(original), "the stored message differs from the one delivered"
     prefix = fetched[: len(fetched) - len(original)]
-    return [m.group(1).lower() for m in re.finditer(rb"^([A-Za-z-]+):", prefix, re.M)]
+    return [m.group(1).lower() for m in re.finditer(rb"^([A-Za-z-]+):", prefix, re.MULTILINE)]
 
 
 def test_message_is_stored_byte_for_byte(embedded_dovecot: RunningDovecot) -> None:
