@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from sqlalchemy import Engine
+
+from directory_sync.certificates import InvalidCertificate, add_certificate
+from directory_sync.lookup import DirectoryLookup
+from directory_sync.sync import import_paths
+from directory_sync.synthetic import mssante_lines, write_extract
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def _cert(cn: str, not_before: dt.datetime, not_after: dt.datetime) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.DER)
+
+
+@pytest.fixture
+def directory(engine: Engine, tmp_path: Path) -> tuple[Engine, list[list[str]]]:
+    lines = list(mssante_lines(50))
+    import_paths(engine, [write_extract(tmp_path / "m.txt", lines)])
+    return engine, [line.rstrip("\n").split("|") for line in lines[1:]]
+
+
+def _first(rows: list[list[str]], kind: str) -> list[str]:
+    return next(r for r in rows if r[0] == kind)
+
+
+async def test_a_published_personal_mailbox_is_found_with_its_owner(directory) -> None:
+    engine, rows = directory
+    row = _first(rows, "PER")
+    lookup = DirectoryLookup(engine)
+    try:
+        found = await lookup.lookup(row[1])
+    finally:
+        lookup.close()
+    assert found is not None
+    assert found.address == row[1]
+    assert found.mailbox_type == "PER"
+    assert found.rpps == row[3]
+    assert found.id_nat_ps == "8" + row[3]
+    assert (found.last_name, found.first_name, found.profession) == (row[9], row[10], row[14])
+    assert found.liste_rouge is False
+    assert found.certificates == ()
+
+
+async def test_domain_is_case_insensitive_local_part_is_exact(directory) -> None:
+    engine, rows = directory
+    local, domain = _first(rows, "PER")[1].split("@")
+    lookup = DirectoryLookup(engine)
+    try:
+        assert await lookup.lookup(f"{local}@{domain.upper()}") is not None
+        assert await lookup.lookup(f"{local.upper()}@{domain}") is None
+        assert await lookup.lookup(f"inconnu@{domain}") is None
+        assert await lookup.lookup("not an address") is None
+    finally:
+        lookup.close()
+
+
+async def test_an_organisational_mailbox_carries_its_structure(directory) -> None:
+    engine, rows = directory
+    row = _first(rows, "ORG")
+    found = DirectoryLookup(engine).lookup_blocking(row[1])
+    assert found is not None
+    assert found.mailbox_type == "ORG"
+    assert found.rpps is None
+    assert found.structure_id == row[6]
+    assert found.structure_name == row[18]
+
+
+def test_only_currently_valid_encryption_certificates_are_returned(directory) -> None:
+    engine, rows = directory
+    row = _first(rows, "PER")
+    day = dt.timedelta(days=1)
+    valid = _cert("valid", NOW - day, NOW + 365 * day)
+    expired = _cert("expired", NOW - 400 * day, NOW - day)
+    by_rpps = _cert("by-idnat", NOW - day, NOW + 30 * day)
+    signing = _cert("signing", NOW - day, NOW + 365 * day)
+    fp = add_certificate(engine, valid, address=row[1].upper().replace(row[1].split("@")[0].upper(),
+                                                                       row[1].split("@")[0]))
+    add_certificate(engine, expired, address=row[1])
+    add_certificate(engine, by_rpps, id_nat_ps="8" + row[3])
+    add_certificate(engine, signing, address=row[1], usage="signature")
+    found = DirectoryLookup(engine).lookup_blocking(row[1])
+    assert found is not None
+    assert [c.subject for c in found.certificates] == ["CN=valid", "CN=by-idnat"]
+    assert found.certificates[0].fingerprint_sha256 == fp
+    assert found.certificates[0].der == valid
+    assert found.certificates[0].not_after.tzinfo is not None
+
+
+def test_a_bad_certificate_is_refused(engine: Engine) -> None:
+    with pytest.raises(InvalidCertificate):
+        add_certificate(engine, b"\x30\x03\x02\x01\x00", address="a@b.fr")
+    with pytest.raises(InvalidCertificate, match="belongs to"):
+        add_certificate(engine, b"", usage="encryption")
