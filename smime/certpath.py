@@ -115,21 +115,26 @@ def _valid_at(cert: x509.Certificate, at: datetime.datetime) -> bool:
 
 
 def build_path(end_entity: x509.Certificate, store: TrustStore, extra: Sequence[x509.Certificate],
-               at: datetime.datetime, max_length: int) -> tuple[x509.Certificate, ...]:
+               at: datetime.datetime, policy: ValidationPolicy) -> tuple[x509.Certificate, ...]:
     """From the end entity to a trust anchor (RFC 4158 in its simplest form: names, then signatures)."""
     pool = [*extra, *store.intermediates]
     path = [end_entity]
     current = end_entity
     while current not in store.anchors:
-        if len(path) > max_length:
-            raise CertificatePathError(f"no trust anchor within {max_length} certificates")
+        if len(path) > policy.max_path_length:
+            raise CertificatePathError(f"no trust anchor within {policy.max_path_length} certificates")
         anchor = next((a for a in store.anchors if a.subject == current.issuer and _issued_by(current, a)), None)
         if anchor is not None:
             path.append(anchor)
             break
         if _self_issued(current):
             raise UntrustedAnchor(name_of(current))
-        candidates = [c for c in pool if c.subject == current.issuer and c not in path and _issued_by(current, c)]
+        named = [c for c in (*store.anchors, *pool) if c.subject == current.issuer and c not in path]
+        candidates = [c for c in named if c not in store.anchors and _issued_by(current, c)]
+        if not candidates and named:
+            _check_algorithms(current, policy, signature=True)
+            raise CertificatePathError(f"the signature on {name_of(current)} does not verify with the key of "
+                                       f"{current.issuer.rfc4514_string()}")
         if not candidates:
             raise MissingIntermediate(current.issuer.rfc4514_string())
         candidates.sort(key=lambda c: not _valid_at(c, at))
@@ -216,7 +221,7 @@ def validate_path(end_entity: x509.Certificate, store: TrustStore, *, extra: Seq
                   ) -> ValidatedPath:
     """Build and check the path of `end_entity` at time `at` (now by default), or raise why not."""
     when = at or datetime.datetime.now(datetime.UTC)
-    path = build_path(end_entity, store, extra, when, policy.max_path_length)
+    path = build_path(end_entity, store, extra, when, policy)
     issued = path[:-1]  # everything but the anchor, which is trusted as configured
     for cert in path:
         _check_algorithms(cert, policy, signature=cert in issued)

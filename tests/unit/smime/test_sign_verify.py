@@ -8,7 +8,7 @@ import pytest
 
 from smime.certpath import TrustStore, ValidationPolicy
 from smime.message import open_message
-from smime.mime import split_multipart_signed, split_message
+from smime.mime import split_message, split_multipart_signed
 from smime.report import Check
 from smime.signing import sign_entity, sign_message
 from smime.verify import verify_signed_data
