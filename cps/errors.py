@@ -167,3 +167,11 @@ class MalformedResponse(CardError):
     def __init__(self, what: str) -> None:
         self.what = what
         super().__init__(f"malformed card response: {what}")
+
+
+class UnsupportedOperation(CardError):
+    """The card cannot do what was asked (e.g. PSS or OAEP on a CPS3): no other key is used instead."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"not supported by the card: {what}")

@@ -1,0 +1,297 @@
+"""The async card worker: one thread per card, one asyncio lock, timeouts, and the key objects.
+
+Every PC/SC call for a card runs on that card's own thread (an executor of one worker), so
+the event loop never waits for the card, and APDU sequences of two operations never
+interleave. `CardSigner` and `CardDecrypter` satisfy smime/keys.py's `Signer` and `Decrypter`
+protocols structurally (cps/ does not import smime/).
+
+The PIN: `unlock(pin)` reads the tries counter first, refuses to send anything to a blocked
+card, and sends VERIFY exactly once. The PIN is not kept: a card that is removed, reinserted or
+reset has lost its security state, and an operator must unlock it again (`PinRequired`). A
+wrong PIN is reported with the tries left and never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from cps.apdu import ApduChannel
+from cps.cps3 import CardIdentity, Cps3Card
+from cps.errors import (
+    CardError,
+    CardRemoved,
+    CardTimeout,
+    NoCardPresent,
+    PinBlocked,
+    PinRequired,
+    SecurityStatusNotSatisfied,
+    UnsupportedOperation,
+)
+from cps.pcsc import PcscCard, PcscContext
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+current_card: contextvars.ContextVar[str] = contextvars.ContextVar("current_card", default="-")
+
+
+@dataclass(frozen=True, slots=True)
+class CardStatus:
+    """What `mssgw card list` shows. Certificates are readable without the PIN."""
+
+    reader: str
+    present: bool
+    identity: CardIdentity | None = None
+    sign_certificate: x509.Certificate | None = None
+    auth_certificate: x509.Certificate | None = None
+    pin_tries_left: int | None = None
+    unlocked: bool = False
+
+    @property
+    def rpps(self) -> str | None:
+        """The RPPS number: the certificate's CN minus its leading 8 (idNat_PS, mssante.md §3.4)."""
+        if self.sign_certificate is None:
+            return None
+        cns = self.sign_certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        return cn[1:] if cn.startswith("8") and cn[1:].isdigit() else None
+
+    @property
+    def holder(self) -> str | None:
+        if self.sign_certificate is None:
+            return None
+        subject = self.sign_certificate.subject
+        parts = [str(a.value) for oid in (x509.NameOID.GIVEN_NAME, x509.NameOID.SURNAME)
+                 for a in subject.get_attributes_for_oid(oid)]
+        return " ".join(parts) or None
+
+
+class CardSession:
+    """One reader and the card in it, driven from asyncio.
+
+    `timeout` bounds each operation (seconds); on expiry `CardTimeout` is raised while the card
+    thread finishes what it started (the next operation queues behind it).
+    """
+
+    def __init__(self, reader: str, *, timeout: float = 30.0) -> None:
+        self.reader = reader
+        self.timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"card:{reader}")
+        self._lock = asyncio.Lock()
+        self._context: PcscContext | None = None
+        self._card: PcscCard | None = None
+        self._cps: Cps3Card | None = None
+        self._status = CardStatus(reader=reader, present=False)
+        self._unlocked = False
+        self.round_trips = 0
+
+    # -- the asyncio side -------------------------------------------------------------------
+
+    async def _run(self, operation: str, func: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        token = current_card.set(self.reader)
+        try:
+            async with self._lock:
+                ctx = contextvars.copy_context()
+                future = loop.run_in_executor(self._executor, functools.partial(ctx.run, func))
+                try:
+                    return await asyncio.wait_for(future, self.timeout)
+                except TimeoutError:
+                    log.warning("card %s: %s timed out after %gs", self.reader, operation, self.timeout)
+                    raise CardTimeout(operation, self.timeout) from None
+        finally:
+            current_card.reset(token)
+
+    async def status(self) -> CardStatus:
+        """Connect if needed and describe the card (reads the tries counter, never the PIN)."""
+        return await self._run("status", self._status_sync)
+
+    async def unlock(self, pin: str) -> int:
+        """Present the PIN once. Returns the tries left (the maximum on success)."""
+        return await self._run("unlock", functools.partial(self._unlock_sync, pin))
+
+    async def sign_sha256(self, data: bytes) -> bytes:
+        return await self._run("sign", functools.partial(self._key_operation, "sign", data))
+
+    async def decipher(self, cryptogram: bytes) -> bytes:
+        return await self._run("decipher", functools.partial(self._key_operation, "decipher", cryptogram))
+
+    async def close(self) -> None:
+        """Disconnect (resetting the card, which forgets the PIN) and stop the thread."""
+        try:
+            await self._run("close", self._close_sync)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    @property
+    def cached_status(self) -> CardStatus:
+        """The last status seen, without touching the card."""
+        return self._status
+
+    def signer(self) -> CardSigner:
+        return CardSigner(self)
+
+    def decrypter(self) -> CardDecrypter:
+        return CardDecrypter(self)
+
+    # -- the card thread ----------------------------------------------------------------------
+
+    def _ensure_connected(self) -> Cps3Card:
+        if self._cps is not None:
+            return self._cps
+        if self._context is None:
+            self._context = PcscContext()
+        card = self._context.connect(self.reader)
+        channel = ApduChannel(card)
+        cps = Cps3Card(channel)
+        try:
+            with card.transaction():
+                identity = cps.identify(card.atr)
+                auth, sign = cps.read_certificates()
+        except CardError:
+            card.disconnect(reset=False)
+            raise
+        self._card, self._cps, self._unlocked = card, cps, False
+        self._status = CardStatus(reader=self.reader, present=True, identity=identity, sign_certificate=sign,
+                                  auth_certificate=auth)
+        log.info("card %s: CPS card %s, signature certificate %s", self.reader, identity.serial,
+                 sign.fingerprint(hashes.SHA256()).hex())
+        return cps
+
+    def _forget(self) -> None:
+        if self._card is not None:
+            self._card.disconnect(reset=False)
+        self._card = self._cps = None
+        self._unlocked = False
+        self._status = CardStatus(reader=self.reader, present=False)
+
+    def _guarded(self, func: Callable[[Cps3Card], T]) -> T:
+        """Run `func` in a PC/SC transaction; a removed card is forgotten (its PIN state is gone)."""
+        cps = self._ensure_connected()
+        assert self._card is not None
+        try:
+            with self._card.transaction():
+                result = func(cps)
+        except CardRemoved:
+            log.warning("card %s removed or reset: PIN needed again", self.reader)
+            self._forget()
+            raise
+        finally:
+            self.round_trips = cps.channel.round_trips
+        return result
+
+    def _status_sync(self) -> CardStatus:
+        try:
+            tries = self._guarded(lambda cps: cps.pin_tries_left())
+        except (NoCardPresent, CardRemoved):
+            self._forget()
+            return self._status
+        self._status = CardStatus(reader=self.reader, present=True, identity=self._status.identity,
+                                  sign_certificate=self._status.sign_certificate,
+                                  auth_certificate=self._status.auth_certificate, pin_tries_left=tries,
+                                  unlocked=self._unlocked)
+        return self._status
+
+    def _unlock_sync(self, pin: str) -> int:
+        def verify(cps: Cps3Card) -> int:
+            tries = cps.pin_tries_left()
+            if tries == 0:
+                raise PinBlocked()
+            cps.verify_pin(pin)
+            return cps.pin_tries_left()
+
+        try:
+            tries = self._guarded(verify)
+        except CardError as exc:
+            log.warning("card %s: PIN refused: %s", self.reader, exc)
+            raise
+        self._unlocked = True
+        self._status = CardStatus(reader=self.reader, present=True, identity=self._status.identity,
+                                  sign_certificate=self._status.sign_certificate,
+                                  auth_certificate=self._status.auth_certificate, pin_tries_left=tries,
+                                  unlocked=True)
+        log.info("card %s unlocked", self.reader)
+        return tries
+
+    def _key_operation(self, kind: Literal["sign", "decipher"], data: bytes) -> bytes:
+        self._ensure_connected()
+        if not self._unlocked:
+            raise PinRequired(self.reader)
+        status = self._status
+        certificate = status.sign_certificate if kind == "sign" else status.auth_certificate
+        assert certificate is not None
+        key_size = (certificate.public_key().key_size + 7) // 8  # type: ignore[union-attr]
+
+        def run(cps: Cps3Card) -> bytes:
+            if kind == "sign":
+                return cps.sign_sha256(data, key_size=key_size)
+            return cps.decipher(data)
+
+        try:
+            return self._guarded(run)
+        except SecurityStatusNotSatisfied:
+            self._unlocked = False
+            raise PinRequired(self.reader) from None
+
+    def _close_sync(self) -> None:
+        if self._card is not None:
+            self._card.disconnect(reset=True)
+        self._card = self._cps = None
+        self._unlocked = False
+        if self._context is not None:
+            self._context.close()
+            self._context = None
+
+
+class CardSigner:
+    """A `Signer` (smime/keys.py) backed by the card's non-repudiation key 0x81.
+
+    CPS3 signs SHA-256 with PKCS#1 v1.5 only (mssante.md §3.3); other choices raise
+    `UnsupportedOperation` rather than silently using another key.
+    """
+
+    def __init__(self, session: CardSession) -> None:
+        self._session = session
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        cert = self._session.cached_status.sign_certificate
+        if cert is None:
+            raise NoCardPresent(self._session.reader)
+        return cert
+
+    async def sign(self, data: bytes, *, hash_name: str = "sha256", padding: str = "pkcs1v15") -> bytes:
+        if hash_name != "sha256" or padding != "pkcs1v15":
+            raise UnsupportedOperation(f"CPS3 signature with {hash_name}/{padding}")
+        return await self._session.sign_sha256(data)
+
+
+class CardDecrypter:
+    """A `Decrypter` (smime/keys.py) backed by key 0x82 (PSO DECIPHER, RSAES-PKCS1-v1_5 only)."""
+
+    def __init__(self, session: CardSession) -> None:
+        self._session = session
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        cert = self._session.cached_status.auth_certificate
+        if cert is None:
+            raise NoCardPresent(self._session.reader)
+        return cert
+
+    async def decrypt_key(self, encrypted_key: bytes, *, padding: str = "pkcs1v15",
+                          oaep_hash: str = "sha256") -> bytes:
+        if padding != "pkcs1v15":
+            raise UnsupportedOperation(f"CPS3 key transport with {padding}")
+        return await self._session.decipher(encrypted_key)
