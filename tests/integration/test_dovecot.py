@@ -42,8 +42,13 @@ def tls_context(cfg_ca: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+def imap_plain(dv: RunningDovecot) -> imaplib.IMAP4:
+    host, port = dv.imap
+    return imaplib.IMAP4(host, port, timeout=15)
+
+
 def imap_login(dv: RunningDovecot, user: str, password: str | None = None) -> imaplib.IMAP4:
-    client = imaplib.IMAP4(*dv.imap, timeout=15)
+    client = imaplib.IMAP4(dv.imap[0], dv.imap[1], timeout=15)
     client.starttls(tls_context(dv.cfg.tls.ca))
     client.login(user, password if password is not None else dv.accounts[user])
     return client
@@ -135,7 +140,7 @@ def test_one_reply_per_recipient_and_unknown_user_refused(embedded_dovecot: Runn
 
 
 def test_login_disabled_before_starttls(embedded_dovecot: RunningDovecot) -> None:
-    client = imaplib.IMAP4(*embedded_dovecot.imap, timeout=15)
+    client = imap_plain(embedded_dovecot)
     try:
         assert "STARTTLS" in client.capabilities
         assert "LOGINDISABLED" in client.capabilities
@@ -153,7 +158,7 @@ def test_tls_below_1_2_refused(embedded_dovecot: RunningDovecot) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         old.minimum_version = ssl.TLSVersion.TLSv1
         old.maximum_version = ssl.TLSVersion.TLSv1_1
-    client = imaplib.IMAP4(*embedded_dovecot.imap, timeout=15)
+    client = imap_plain(embedded_dovecot)
     try:
         with pytest.raises((ssl.SSLError, OSError)):
             client.starttls(old)
@@ -161,16 +166,16 @@ def test_tls_below_1_2_refused(embedded_dovecot: RunningDovecot) -> None:
         client.sock.close()
     tls12 = tls_context(embedded_dovecot.cfg.tls.ca)
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
-    client = imaplib.IMAP4(*embedded_dovecot.imap, timeout=15)
+    client = imap_plain(embedded_dovecot)
     try:
         client.starttls(tls12)
-        assert client.sock.version() == "TLSv1.2"
+        assert isinstance(client.sock, ssl.SSLSocket) and client.sock.version() == "TLSv1.2"
     finally:
         client.shutdown()
 
 
 def test_wrong_password_refused(embedded_dovecot: RunningDovecot) -> None:
-    client = imaplib.IMAP4(*embedded_dovecot.imap, timeout=15)
+    client = imap_plain(embedded_dovecot)
     client.starttls(tls_context(embedded_dovecot.cfg.tls.ca))
     try:
         assert "AUTH=PLAIN" in client.capabilities and "LOGINDISABLED" not in client.capabilities
