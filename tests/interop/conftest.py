@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from gateway.devpki import DevPki, create_dev_pki
 from smime.certpath import TrustStore
 from smime.filekeys import FileKey
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
