@@ -29,6 +29,7 @@ _REMOVED = {
     scard.SCARD_W_UNRESPONSIVE_CARD, scard.SCARD_E_READER_UNAVAILABLE, scard.SCARD_E_INVALID_HANDLE,
 }
 _NO_CARD = {scard.SCARD_E_NO_SMARTCARD}
+_SCARD_PRESENT = 0x0004  # pcsc-lite's SCardStatus card-state bit (pyscard does not export it)
 
 
 def _u32(code: int) -> int:
@@ -79,7 +80,16 @@ class PcscCard:
         pci = scard.SCARD_PCI_T1 if self._protocol == scard.SCARD_PROTOCOL_T1 else scard.SCARD_PCI_T0
         hresult, response = scard.SCardTransmit(self._handle, pci, list(apdu))
         _check("SCardTransmit", hresult, self.reader)
+        if len(response) < 2:
+            # Every R-APDU ends with SW1 SW2; vpcd answers "nothing" when the card went away mid-command.
+            self._raise_if_gone()
         return bytes(response)
+
+    def _raise_if_gone(self) -> None:
+        hresult, _reader, state, _protocol, _atr = scard.SCardStatus(self._handle)
+        _check("SCardStatus", hresult, self.reader)
+        if not state & _SCARD_PRESENT:
+            raise CardRemoved(self.reader)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

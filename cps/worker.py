@@ -121,6 +121,17 @@ class CardSession:
         """Present the PIN once. Returns the tries left (the maximum on success)."""
         return await self._run("unlock", functools.partial(self._unlock_sync, pin))
 
+    async def unblock(self, puk: str, new_pin: str) -> None:
+        """RESET RETRY COUNTER with the unblocking code: sets a new PIN and the full tries count.
+
+        The card stays locked afterwards; `unlock` with the new PIN opens it.
+        """
+        def run(cps: Cps3Card) -> None:
+            cps.unblock_pin(puk, new_pin)
+
+        await self._run("unblock", functools.partial(self._guarded, run))
+        log.info("card %s: PIN unblocked and changed by an operator", self.reader)
+
     async def sign_sha256(self, data: bytes) -> bytes:
         return await self._run("sign", functools.partial(self._key_operation, "sign", data))
 

@@ -1,0 +1,232 @@
+"""The card through the real PC/SC stack: pcscd + vpcd + the virtual CPS card, keys from the dev PKI.
+
+Covers issue 4 §6-7: certificates, signature, decipher, PIN counter, blocked PIN, removal in the
+middle of an operation, reinsertion, presence events, the event loop staying responsive while
+the card works, and CMS made with the card checked by `openssl cms` (and the reverse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for pcsc_support
+
+from pcsc_support import PcscStack, PracticeCardFiles
+
+from cps.errors import (
+    CardRemoved,
+    NoCardPresent,
+    PinBlocked,
+    PinIncorrect,
+    PinRequired,
+    UnsupportedOperation,
+)
+from cps.presence import PresenceMonitor
+from cps.worker import CardSession
+from gateway.devpki import DevPki, create_dev_pki
+from smime.envelope import decrypt_content
+from smime.keys import Decrypter, Signer
+from smime.signing import sign_message
+
+pytestmark = pytest.mark.pcsc
+
+RPPS = "10001234567"
+PIN = "1234"
+PUK = "12345678"
+
+
+@pytest.fixture(scope="module")
+def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return create_dev_pki(tmp_path_factory.mktemp("card-pki") / "pki")
+
+
+@pytest.fixture(scope="module")
+def stack(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscStack]:
+    files = PracticeCardFiles(pki=dev_pki.directory, rpps=RPPS, ca_cert=dev_pki.directory / "ca-bundle.pem")
+    pcsc = PcscStack(tmp_path_factory.mktemp("pcsc"), files, pin=PIN)
+    pcsc.start()
+    try:
+        yield pcsc
+    finally:
+        pcsc.stop()
+
+
+@pytest.fixture()
+async def session(stack: PcscStack) -> AsyncIterator[CardSession]:
+    stack.set_latency(0)
+    card = CardSession(stack.reader, timeout=10)
+    try:
+        yield card
+    finally:
+        await card.close()
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+async def test_status_reads_identity_and_certificates(session: CardSession, dev_pki: DevPki) -> None:
+    status = await session.status()
+    practitioner = dev_pki.practitioner(RPPS)
+    assert status.present
+    assert status.identity is not None and status.identity.kind == "CPS3 contact"
+    assert status.sign_certificate == _cert(practitioner.sign_cert)
+    assert status.auth_certificate == _cert(practitioner.auth_cert)
+    assert status.rpps == RPPS
+    assert status.holder == "Jeanne EXEMPLE"
+    assert status.pin_tries_left == 3
+    assert not status.unlocked
+
+
+async def test_signature_verifies_with_the_certificate(session: CardSession) -> None:
+    await session.status()
+    signer = session.signer()
+    assert isinstance(signer, Signer)
+    with pytest.raises(PinRequired):
+        await signer.sign(b"too early")
+    assert await session.unlock(PIN) == 3
+    data = b"signed attributes " * 20
+    signature = await signer.sign(data)
+    public = signer.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    with pytest.raises(UnsupportedOperation):
+        await signer.sign(data, padding="pss")
+
+
+async def test_decipher_unwraps_a_key(session: CardSession) -> None:
+    await session.status()
+    decrypter = session.decrypter()
+    assert isinstance(decrypter, Decrypter)
+    await session.unlock(PIN)
+    public = decrypter.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    key = bytes(range(32))
+    assert await decrypter.decrypt_key(public.encrypt(key, padding.PKCS1v15())) == key
+
+
+async def test_wrong_pin_decrements_the_counter(session: CardSession) -> None:
+    with pytest.raises(PinIncorrect) as info:
+        await session.unlock("0000")
+    assert info.value.tries_left == 2
+    assert (await session.status()).pin_tries_left == 2
+    assert await session.unlock(PIN) == 3
+
+
+async def test_blocked_pin_is_not_tried_then_unblocked(session: CardSession) -> None:
+    for left in (2, 1, 0):
+        with pytest.raises(PinIncorrect) as info:
+            await session.unlock("0000")
+        assert info.value.tries_left == left
+    with pytest.raises(PinBlocked):
+        await session.unlock(PIN)
+    assert (await session.status()).pin_tries_left == 0
+    await session.unblock(PUK, PIN)
+    assert (await session.status()).pin_tries_left == 3
+    assert await session.unlock(PIN) == 3
+
+
+async def test_removal_during_a_signature_then_reinsertion(session: CardSession, stack: PcscStack) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    signer = session.signer()
+    stack.set_latency(1.0)
+    pending = asyncio.create_task(signer.sign(b"interrupted"))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(stack.remove)
+    with pytest.raises(CardRemoved) as removed:
+        await pending
+    assert removed.value.hold
+    with pytest.raises(NoCardPresent):
+        await signer.sign(b"while absent")
+    assert not (await session.status()).present
+    stack.set_latency(0)
+    await asyncio.to_thread(stack.insert)
+    with pytest.raises(PinRequired):
+        await signer.sign(b"after reinsertion")
+    await session.unlock(PIN)
+    signature = await signer.sign(b"after reinsertion")
+    public = signer.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(signature, b"after reinsertion", padding.PKCS1v15(), hashes.SHA256())
+
+
+async def test_presence_events(stack: PcscStack) -> None:
+    async with PresenceMonitor([stack.reader], poll=0.5) as monitor:
+        events = aiter(monitor)
+        first = await asyncio.wait_for(anext(events), 10)
+        assert (first.reader, first.present) == (stack.reader, True)
+        await asyncio.to_thread(stack.remove, False)
+        assert not (await asyncio.wait_for(anext(events), 10)).present
+        await asyncio.to_thread(stack.insert, False)
+        back = await asyncio.wait_for(anext(events), 10)
+        assert back.present and back.atr.hex().upper().startswith("3BAC")
+
+
+async def test_event_loop_stays_responsive_while_the_card_signs(session: CardSession, stack: PcscStack) -> None:
+    """Issue 4: while a 200 ms card signs 10 messages, a heartbeat never waits more than 20 ms."""
+    await session.status()
+    await session.unlock(PIN)
+    stack.set_latency(0.2)
+    signer = session.signer()
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        nonlocal worst
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - before - 0.005)
+
+    beat = asyncio.create_task(heartbeat())
+    started = time.perf_counter()
+    for i in range(10):
+        await signer.sign(b"message %d" % i)
+    elapsed = time.perf_counter() - started
+    done.set()
+    await beat
+    assert elapsed >= 2.0  # the card really took its 200 ms each time
+    assert worst < 0.020, f"event loop blocked for {worst * 1000:.1f} ms"
+
+
+async def test_cms_signed_by_the_card_verifies_with_openssl(session: CardSession, dev_pki: DevPki,
+                                                             tmp_path: Path) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    message = (b"From: jeanne.exemple@dev.mssante.test\r\nTo: paul.testeur@dev.mssante.test\r\n"
+               b"Subject: compte rendu\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBonjour,\r\n")
+    signed = await sign_message(message, session.signer())
+    (tmp_path / "signed.eml").write_bytes(signed)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "cms", "-verify", "-in", str(tmp_path / "signed.eml"), "-CAfile",
+         str(dev_pki.directory / "ca-bundle.pem"), "-purpose", "any", "-out", str(tmp_path / "content.txt")],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Verification successful" in result.stderr
+    assert b"Bonjour," in (tmp_path / "content.txt").read_bytes()
+
+
+async def test_openssl_encrypted_cms_decrypts_with_the_card(session: CardSession, tmp_path: Path) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    decrypter = session.decrypter()
+    (tmp_path / "recipient.pem").write_bytes(decrypter.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "plain.txt").write_bytes(b"resultats d'analyse\r\n")
+    await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "cms", "-encrypt", "-aes256", "-binary", "-outform", "DER", "-in", str(tmp_path / "plain.txt"),
+         "-out", str(tmp_path / "enveloped.der"), str(tmp_path / "recipient.pem")], check=True, capture_output=True)
+    decrypted = await decrypt_content((tmp_path / "enveloped.der").read_bytes(), decrypter)
+    assert decrypted.content == b"resultats d'analyse\r\n"
