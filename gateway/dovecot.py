@@ -151,6 +151,7 @@ instance_name = {instance_name(cfg)}
 base_dir = {_dq(base)}
 state_dir = {_dq(base / 'state')}
 log_path = /dev/stderr
+log_timestamp = ""
 hostname = {_dq(cfg.hostname)}
 protocols = imap lmtp
 listen = 127.0.0.1
@@ -165,6 +166,7 @@ ssl_prefer_server_ciphers = yes
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_failure_delay = 2 secs
+# The authentication penalty (anvil) stays on; it sees each client's real address through the PROXY header.
 auth_username_format = %Lu
 haproxy_trusted_networks = 127.0.0.1
 

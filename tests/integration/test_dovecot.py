@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -351,6 +352,55 @@ def test_postgresql_passdb(dovecot_kit: Any, pg_accounts_url: str) -> None:
             client.logout()
         with pytest.raises(imaplib.IMAP4.error):
             imap_login(dv, BOB)
+    finally:
+        dovecot_kit.stop(dv)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """TCP sockets in LISTEN state held by `pid` or its descendants (from `ss`, iproute2)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    pids = {pid} | {int(p) for p in subprocess.run(["pgrep", "-s", str(os.getsid(pid))], capture_output=True,
+                                                      text=True, check=False).stdout.split()}
+    found: set[tuple[str, int]] = set()
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            host, _, port = line.split()[3].rpartition(":")
+            found.add((host, int(port)))
+    return found
+
+
+def test_dovecot_exposes_nothing_but_a_loopback_proxy_listener(embedded_dovecot: RunningDovecot) -> None:
+    pid = embedded_dovecot.supervisor.pid
+    assert pid is not None
+    sockets = listening_sockets(pid)
+    assert len(sockets) == 1 and all(host == "127.0.0.1" for host, _ in sockets), sockets
+    assert embedded_dovecot.imap not in sockets  # the client-facing port is the gateway's relay
+    lmtp_socket = embedded_dovecot.cfg.mailboxes.base_dir / "lmtp"
+    st = lmtp_socket.stat()
+    assert (st.st_mode & 0o777) == 0o600 and st.st_uid == 0
+    # The backend refuses a client that does not speak the PROXY protocol first.
+    _, backend_port = next(iter(sockets))
+    with socket.create_connection(("127.0.0.1", backend_port), timeout=5) as raw:
+        raw.sendall(b"a CAPABILITY\r\n")
+        raw.settimeout(10)
+        try:
+            answer = raw.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # no greeting, no capability: Dovecot hung up
+
+
+def test_stop_kills_a_dovecot_that_ignores_sigterm(dovecot_kit: Any) -> None:
+    root = dovecot_kit.new_root()
+    dv = dovecot_kit.start(dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db")), root, ACCOUNTS)
+    try:
+        pid = dv.supervisor.pid
+        dv.supervisor.stop_timeout = 1.0
+        os.kill(pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
+        dv.loop.run(dv.supervisor.stop())
+        assert not Path(f"/proc/{pid}").exists()
     finally:
         dovecot_kit.stop(dv)
         shutil.rmtree(root, ignore_errors=True)
