@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from cps.apdu import ApduChannel, Command
-from cps.errors import InvalidPinFormat, MalformedResponse, NotACpsCard, WrongIssuer
+from cps.errors import (
+    InvalidPinFormat,
+    MalformedResponse,
+    NotACpsCard,
+    PinBlocked,
+    PinIncorrect,
+    SecurityStatusNotSatisfied,
+    WrongIssuer,
+)
 from cps.sha256 import partial_hash
 
 log = logging.getLogger(__name__)
@@ -179,6 +187,15 @@ class Cps3Card:
         data = encode_pin(pin)
         self.select_mf()
         self.channel.send(Command(0x00, 0x20, 0x00, PIN_REFERENCE, data))
+
+    def pin_verified(self) -> bool:
+        """VERIFY without data (ISO/IEC 7816-4 §7.5.6): 9000 if the PIN is verified; uses no try."""
+        self.select_mf()
+        try:
+            self.channel.send(Command(0x00, 0x20, 0x00, PIN_REFERENCE))
+        except (PinIncorrect, SecurityStatusNotSatisfied, PinBlocked):
+            return False
+        return True
 
     def unblock_pin(self, puk: str, new_pin: str) -> None:
         """RESET RETRY COUNTER, P1=00: unblocking code then new PIN (ISO/IEC 7816-4 §7.5.10)."""

@@ -6,9 +6,12 @@ interleave. `CardSigner` and `CardDecrypter` satisfy smime/keys.py's `Signer` an
 protocols structurally (cps/ does not import smime/).
 
 The PIN: `unlock(pin)` reads the tries counter first, refuses to send anything to a blocked
-card, and sends VERIFY exactly once. The PIN is not kept: a card that is removed, reinserted or
-reset has lost its security state, and an operator must unlock it again (`PinRequired`). A
-wrong PIN is reported with the tries left and never retried.
+card, and sends VERIFY exactly once. The PIN is not kept: the verified state lives on the card
+(as on every PC/SC card, it serves every connection until the card is reset or removed), so
+`mssgw card unlock`, run by an operator in another process, unlocks the card for a running
+gateway too. A card that is removed, reinserted or reset has lost that state, and the next key
+operation raises `PinRequired` (the card answers 6982). A wrong PIN is reported with the tries
+left and never retried.
 """
 
 from __future__ import annotations
@@ -93,7 +96,6 @@ class CardSession:
         self._card: PcscCard | None = None
         self._cps: Cps3Card | None = None
         self._status = CardStatus(reader=reader, present=False)
-        self._unlocked = False
         self.round_trips = 0
 
     # -- the asyncio side -------------------------------------------------------------------
@@ -138,10 +140,13 @@ class CardSession:
     async def decipher(self, cryptogram: bytes) -> bytes:
         return await self._run("decipher", functools.partial(self._key_operation, "decipher", cryptogram))
 
-    async def close(self) -> None:
-        """Disconnect (resetting the card, which forgets the PIN) and stop the thread."""
+    async def close(self, *, reset: bool = True) -> None:
+        """Disconnect and stop the thread. `reset` powers the card off, which forgets the PIN.
+
+        The gateway resets on shutdown; `mssgw card unlock` does not, or it would undo its own work.
+        """
         try:
-            await self._run("close", self._close_sync)
+            await self._run("close", functools.partial(self._close_sync, reset))
         finally:
             self._executor.shutdown(wait=False)
 
@@ -173,7 +178,7 @@ class CardSession:
         except CardError:
             card.disconnect(reset=False)
             raise
-        self._card, self._cps, self._unlocked = card, cps, False
+        self._card, self._cps = card, cps
         self._status = CardStatus(reader=self.reader, present=True, identity=identity, sign_certificate=sign,
                                   auth_certificate=auth)
         log.info("card %s: CPS card %s, signature certificate %s", self.reader, identity.serial,
@@ -184,7 +189,6 @@ class CardSession:
         if self._card is not None:
             self._card.disconnect(reset=False)
         self._card = self._cps = None
-        self._unlocked = False
         self._status = CardStatus(reader=self.reader, present=False)
 
     def _guarded(self, func: Callable[[Cps3Card], T]) -> T:
@@ -204,14 +208,14 @@ class CardSession:
 
     def _status_sync(self) -> CardStatus:
         try:
-            tries = self._guarded(lambda cps: cps.pin_tries_left())
+            tries, unlocked = self._guarded(lambda cps: (cps.pin_tries_left(), cps.pin_verified()))
         except (NoCardPresent, CardRemoved):
             self._forget()
             return self._status
         self._status = CardStatus(reader=self.reader, present=True, identity=self._status.identity,
                                   sign_certificate=self._status.sign_certificate,
                                   auth_certificate=self._status.auth_certificate, pin_tries_left=tries,
-                                  unlocked=self._unlocked)
+                                  unlocked=unlocked)
         return self._status
 
     def _unlock_sync(self, pin: str) -> int:
@@ -227,7 +231,6 @@ class CardSession:
         except CardError as exc:
             log.warning("card %s: PIN refused: %s", self.reader, exc)
             raise
-        self._unlocked = True
         self._status = CardStatus(reader=self.reader, present=True, identity=self._status.identity,
                                   sign_certificate=self._status.sign_certificate,
                                   auth_certificate=self._status.auth_certificate, pin_tries_left=tries,
@@ -237,8 +240,6 @@ class CardSession:
 
     def _key_operation(self, kind: Literal["sign", "decipher"], data: bytes) -> bytes:
         self._ensure_connected()
-        if not self._unlocked:
-            raise PinRequired(self.reader)
         status = self._status
         certificate = status.sign_certificate if kind == "sign" else status.auth_certificate
         assert certificate is not None
@@ -252,14 +253,12 @@ class CardSession:
         try:
             return self._guarded(run)
         except SecurityStatusNotSatisfied:
-            self._unlocked = False
             raise PinRequired(self.reader) from None
 
-    def _close_sync(self) -> None:
+    def _close_sync(self, reset: bool) -> None:
         if self._card is not None:
-            self._card.disconnect(reset=True)
+            self._card.disconnect(reset=reset)
         self._card = self._cps = None
-        self._unlocked = False
         if self._context is not None:
             self._context.close()
             self._context = None

@@ -95,6 +95,7 @@ async def test_signature_verifies_with_the_certificate(session: CardSession) -> 
     with pytest.raises(PinRequired):
         await signer.sign(b"too early")
     assert await session.unlock(PIN) == 3
+    assert (await session.status()).unlocked
     data = b"signed attributes " * 20
     signature = await signer.sign(data)
     public = signer.certificate.public_key()
@@ -102,6 +103,18 @@ async def test_signature_verifies_with_the_certificate(session: CardSession) -> 
     public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
     with pytest.raises(UnsupportedOperation):
         await signer.sign(data, padding="pss")
+
+
+async def test_unlock_by_another_connection_serves_the_gateway(session: CardSession, stack: PcscStack) -> None:
+    """What `mssgw card unlock` does: VERIFY on its own connection, leave the card powered."""
+    await session.status()
+    operator = CardSession(stack.reader, timeout=10)
+    try:
+        await operator.unlock(PIN)
+    finally:
+        await operator.close(reset=False)
+    signature = await session.signer().sign(b"after an operator unlock")
+    assert len(signature) == 256
 
 
 async def test_decipher_unwraps_a_key(session: CardSession) -> None:

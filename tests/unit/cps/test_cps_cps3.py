@@ -142,6 +142,14 @@ def test_wrong_pin_decrements_then_blocks_then_unblocks(os_transport: Any) -> No
     card.verify_pin("4321")
 
 
+def test_pin_verified_uses_no_try(os_transport: Any) -> None:
+    card = card_on(os_transport)
+    assert not card.pin_verified()
+    assert card.pin_tries_left() == 3
+    card.verify_pin("1234")
+    assert card.pin_verified()
+
+
 def test_right_pin_resets_the_counter(os_transport: Any) -> None:
     card = card_on(os_transport)
     with pytest.raises(PinIncorrect):
