@@ -60,7 +60,7 @@ class Gateway:
 
     async def _deliver_local(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, tuple[int, str]]:
         replies = await lmtp.deliver(self.cfg.mailboxes.lmtp_endpoint, sender, recipients, message)
-        return {rcpt: (r.code, f"{r.enhanced} {r.text}".strip()) for rcpt, r in replies.items()}
+        return {rcpt: (r.code, " ".join(p for p in (r.enhanced, r.text) if p)) for rcpt, r in replies.items()}
 
 
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:

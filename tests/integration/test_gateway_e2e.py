@@ -1,0 +1,252 @@
+"""The whole path, with the gateway as a real process (`mssgw run`): a client submits over SMTP
+(STARTTLS + AUTH), the gateway spools and delivers over LMTP to its own Dovecot, and the
+recipient reads the message over IMAP (STARTTLS + LOGIN), byte for byte. Also: the spool
+survives SIGKILL right after a `250`, IDLE sees new mail, and Ctrl-C stops cleanly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import imaplib
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from config.schema import DatabaseConfig
+from gateway.accounts import AccountStore
+from gateway.db import create_tables, make_engine
+
+DOMAIN = "dev.mssante.test"
+ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+PASSWORDS = {ALICE: "alice-long-password", BOB: "bob-long-password"}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def short_tmpdir() -> Path:
+    """Short (unix socket paths are limited to 107 bytes) and reachable by the mail user."""
+    path = Path(tempfile.mkdtemp(prefix="mssgw-e2e-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+class GatewayProcess:
+    """`python -m gateway.cli -c CONFIG run` in its own process, with its log in a file."""
+
+    def __init__(self, root: Path, pki: Path) -> None:
+        self.root = root
+        self.smtp_port, self.imap_port = free_port(), free_port()
+        self.config = root / "gateway.toml"
+        self.config.write_text(f"""
+hostname = "gw.dev.mssante.test"
+local_domains = ["{DOMAIN}"]
+[tls]
+cert = "{pki / 'gateway' / 'tls-server-chain.pem'}"
+key = "{pki / 'gateway' / 'tls-server.key'}"
+ca = "{pki / 'ca-bundle.pem'}"
+[database]
+url = "sqlite:///gateway.db"
+[spool]
+dir = "spool"
+[submission]
+listen = {{ host = "127.0.0.1", port = {self.smtp_port} }}
+[mailboxes]
+mode = "embedded"
+imap = {{ host = "127.0.0.1", port = {self.imap_port} }}
+base_dir = "dc"
+mail_dir = "mail"
+[logging]
+level = "DEBUG"
+""", encoding="utf-8")
+        self.ca = str(pki / "ca-bundle.pem")
+        self.log = root / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        engine = make_engine(DatabaseConfig(url=f"sqlite:///{root / 'gateway.db'}"))
+        create_tables(engine)
+        store = AccountStore(engine)
+        for address, password in PASSWORDS.items():
+            store.add(address, password)
+        engine.dispose()
+
+    def start(self, timeout: float = 30) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        out = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "-c", str(self.config), "run"],
+                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while b"gateway ready" not in self.log.read_bytes()[offset:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the gateway did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def interrupt(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(30)
+
+    def smtp(self, user: str = ALICE) -> smtplib.SMTP:
+        c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
+        c.starttls(context=self._tls())
+        c.login(user, PASSWORDS[user])
+        return c
+
+    def imap(self, user: str = BOB) -> imaplib.IMAP4:
+        c = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=15)
+        c.starttls(ssl_context=self._tls())
+        c.login(user, PASSWORDS[user])
+        return c
+
+    def _tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.check_hostname = False  # the certificate names gw.dev.mssante.test; we dial 127.0.0.1
+        return ctx
+
+
+@pytest.fixture
+def gateway(dovecot_binary: Path, dev_pki_dir: Path) -> Iterator[GatewayProcess]:
+    root = short_tmpdir()
+    gw = GatewayProcess(root, dev_pki_dir)
+    gw.start()
+    yield gw
+    if gw.proc is not None and gw.proc.poll() is None:
+        gw.interrupt()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def a_message(subject: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = ALICE, BOB, subject
+    msg["Date"] = email.utils.formatdate()
+    msg["Message-ID"] = email.utils.make_msgid(domain=DOMAIN)
+    msg.set_content("Compte rendu de consultation.\nÀ classer dans le dossier.\n", charset="utf-8", cte="8bit")
+    blob = bytes(range(256)) * 64 + b"\r\r\n\n\x00"  # every byte value, lone CR and LF included
+    msg.add_attachment(blob, maintype="application", subtype="octet-stream", filename="scan.bin")
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+def fetch_all(c: imaplib.IMAP4) -> list[bytes]:
+    c.select("INBOX")
+    _, data = c.search(None, "ALL")
+    out = []
+    for num in data[0].split():
+        _, parts = c.fetch(num, "(BODY.PEEK[])")
+        out.append(parts[0][1])
+    return out
+
+
+def wait_for(predicate, timeout: float = 20):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def added_headers(fetched: bytes, original: bytes) -> list[bytes]:
+    assert fetched.endswith(original), "the body or the client's headers changed on the way"
+    prefix = fetched[: len(fetched) - len(original)]
+    return re.findall(rb"^([A-Za-z-]+):", prefix, flags=re.M)
+
+
+def test_submission_to_imap_byte_for_byte(gateway: GatewayProcess) -> None:
+    original = a_message("Résultats")
+    with gateway.smtp() as s:
+        code, reply = s.sendmail(ALICE, [BOB], original), None
+    assert code == {}
+    with gateway.imap() as c:
+        [fetched] = wait_for(lambda: fetch_all(c))
+    assert set(added_headers(fetched, original)) <= {b"Return-Path", b"Delivered-To", b"Received"}
+    assert b"by gw.dev.mssante.test (mssgw) with ESMTPSA" in fetched
+    with gateway.imap(ALICE) as c:
+        assert fetch_all(c) == []  # the sender's own mailbox is untouched
+
+
+def test_login_before_starttls_is_refused(gateway: GatewayProcess) -> None:
+    c = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
+    assert "LOGINDISABLED" in c.capabilities
+    with pytest.raises(imaplib.IMAP4.error):
+        c.login(BOB, PASSWORDS[BOB])
+    c.shutdown()
+    with socket.create_connection(("127.0.0.1", gateway.smtp_port), timeout=10) as raw:
+        raw.recv(200)
+        raw.sendall(b"EHLO x\r\nMAIL FROM:<alice@dev.mssante.test>\r\n")
+        time.sleep(0.2)
+        assert b"530 5.7.0 Must issue a STARTTLS command first" in raw.recv(2000)
+
+
+def test_idle_sees_new_mail(gateway: GatewayProcess) -> None:
+    c = gateway.imap()
+    c.select("INBOX")
+    tag = c._new_tag()
+    c.send(tag + b" IDLE\r\n")
+    assert c.readline().startswith(b"+")
+    with gateway.smtp() as s:
+        s.sendmail(ALICE, [BOB], a_message("pendant IDLE"))
+    c.sock.settimeout(20)
+    line = c.readline()
+    while b"EXISTS" not in line:
+        line = c.readline()
+    assert re.match(rb"\* 1 EXISTS", line)
+    c.send(b"DONE\r\n")
+    c.logout()
+
+
+def test_acknowledged_message_survives_sigkill(gateway: GatewayProcess) -> None:
+    """Kill the gateway right after each 250; restarted, it delivers every message exactly once."""
+    ids = []
+    for i in range(3):
+        msg = a_message(f"crash {i}")
+        ids.append(re.search(rb"Message-ID: (<[^>]+>)", msg).group(1))  # type: ignore[union-attr]
+        s = gateway.smtp()
+        s.mail(ALICE)
+        s.rcpt(BOB)
+        code, reply = s.data(msg)
+        assert code == 250, reply
+        gateway.kill()   # no QUIT, no flush: SIGKILL at once
+        s.close()
+        gateway.start()
+    with gateway.imap() as c:
+        fetched = wait_for(lambda: len(fetch_all(c)) >= len(ids) and fetch_all(c))
+    got = [re.search(rb"Message-ID: (<[^>]+>)", m).group(1) for m in fetched]  # type: ignore[union-attr]
+    assert sorted(got) == sorted(ids), "a message was lost or delivered twice"
+
+
+def test_ctrl_c_stops_cleanly(gateway: GatewayProcess) -> None:
+    with gateway.smtp() as s:
+        s.sendmail(ALICE, [BOB], a_message("avant l'arrêt"))
+    with gateway.imap() as c:
+        assert wait_for(lambda: fetch_all(c))
+    dovecot_pid = int((gateway.root / "dc" / "master.pid").read_text())
+    assert gateway.interrupt() == 0
+    log = gateway.log.read_text()
+    assert "Traceback" not in log
+    assert "gateway stopped" in log
+    assert not Path(f"/proc/{dovecot_pid}").exists() or b"dovecot" not in Path(
+        f"/proc/{dovecot_pid}/cmdline").read_bytes()
+    spool_files = os.listdir(gateway.root / "spool" / "msg")
+    assert spool_files == []  # delivered before it stopped, nothing left half-done
