@@ -30,3 +30,4 @@ def jeanne_sign(pki: DevPki) -> FileKey:
 def paul_auth(pki: DevPki) -> FileKey:
     p = pki.practitioners[1]
     return FileKey.from_pem(p.auth_key.read_bytes(), p.auth_cert.read_bytes())
+
