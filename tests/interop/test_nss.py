@@ -110,10 +110,17 @@ def test_we_verify_nss(nssdb, trust, files, hash_flag, digest, detached):
     assert report.signer.signing_time is not None
 
 
-def test_we_detect_tampering_of_nss_signature(nssdb, trust, files):
-    der = run(["cmsutil", "-S", "-d", nssdb, "-N", JEANNE_SIGN, "-Y", "NONE", "-T", "-i", files / "content"]).stdout
-    report = verify_signed_data(der, CONTENT + b"!", trust=trust, identity_check=None)
-    assert [c.name for c in report.failures][:2] == ["message-digest", "signature"]
+@pytest.mark.parametrize("attributes", [[], ["-G"]])
+def test_we_detect_tampering_of_nss_signature(nssdb, trust, files, attributes):
+    """Without -G NSS writes no signed attributes, and the signature covers the content itself (RFC 5652 §5.4)."""
+    der = run(["cmsutil", "-S", "-d", nssdb, "-N", JEANNE_SIGN, "-Y", "NONE", *attributes, "-T",
+               "-i", files / "content"]).stdout
+    good = verify_signed_data(der, CONTENT, trust=trust, identity_check=None)
+    assert good.valid, good.summary()
+    assert ("no signed attributes" in good.check("message-digest").reason) == (not attributes)
+    bad = verify_signed_data(der, CONTENT + b"!", trust=trust, identity_check=None)
+    failed = [c.name for c in bad.failures]
+    assert failed == (["signature"] if not attributes else ["message-digest", "signature"])
 
 
 def test_we_decrypt_nss(nssdb, paul_auth, files):
