@@ -73,7 +73,7 @@ def register(sub: Any) -> None:
 def _brake_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--force", action="store_true", help="apply even a deletion above the brake")
     q.add_argument("--max-delete", type=float, default=DEFAULT_MAX_DELETE_SHARE,
-                   help=f"largest share of a table one run may delete (default {DEFAULT_MAX_DELETE_SHARE:.0%%})")
+                   help=f"largest share of a table one run may delete (default {DEFAULT_MAX_DELETE_SHARE})")
 
 
 def _usage(args: argparse.Namespace) -> int:
