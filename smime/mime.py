@@ -125,8 +125,11 @@ def join_message(outer: list[bytes], entity: bytes) -> bytes:
     return b"".join(fields) + b"MIME-Version: 1.0\r\n" + entity
 
 
+_EIGHT_BIT_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binary)")
+
+
 def _needs_reencoding(entity: bytes) -> bool:
-    if any(b >= 0x80 or b == 0 for b in entity):
+    if _EIGHT_BIT_CTE.search(entity) or any(b >= 0x80 or b == 0 for b in entity):
         return True
     return any(len(line) > MAX_LINE for line in _BARE_EOL.split(entity))
 

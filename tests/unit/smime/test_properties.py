@@ -80,7 +80,7 @@ def test_sign_verify_gives_back_the_signed_content(jeanne_sign, trust, tree):
                                 identity_check=None)
     assert report.valid, report.summary()
     assert report.content == canonicalize(entity)
-    if all(0 < b < 0x80 for b in entity) and all(len(line) <= 998 for line in entity.split(b"\r\n")):
+    if b"8bit" not in entity and b"binary" not in entity and all(len(x) <= 998 for x in entity.split(b"\r\n")):
         assert report.content == entity  # 7-bit input is signed exactly as given
     got = _payloads(report.content)
     assert len(got) == len(payloads)
