@@ -3,7 +3,9 @@
 The PIN (and the unblocking code) is read from a file or from the terminal without echo, never
 from an argument, which `ps` shows to every user of the host; it is never printed or logged.
 `unlock` presents the PIN exactly once and leaves the card powered: the verified state lives on
-the card and serves the running gateway's connection until the card is removed or reset. A
+the card and serves the running gateway's connection until the card is removed or reset. It is
+meant for a running gateway, which keeps the card connected: with no connection left, pcscd
+powers the card down and the card forgets the PIN, as it should. A
 wrong PIN prints the tries left and stops: three wrong PINs block a practitioner's card.
 
 The card commands need no configuration file: they talk to pcscd only.
