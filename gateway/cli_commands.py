@@ -15,6 +15,7 @@ def _load() -> None:
     from gateway import cmd_dovecot  # noqa: PLC0415
     from gateway import cmd_directory  # noqa: PLC0415
     from gateway import cmd_card  # noqa: PLC0415
+    from gateway import cmd_smime  # noqa: PLC0415
 
     REGISTRARS.extend([
         cmd_pki.register,
@@ -23,6 +24,7 @@ def _load() -> None:
         cmd_dovecot.register,
         cmd_directory.register,
         cmd_card.register,
+        cmd_smime.register,
     ])
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smime.algorithms import STRONG_HASHES
 from smime.errors import (
@@ -94,8 +94,12 @@ class ValidatedPath:
     revocation: str
 
 
+_SHORT_NAMES = {NameOID.SURNAME: "SN", NameOID.GIVEN_NAME: "GN", NameOID.TITLE: "title"}
+
+
 def name_of(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    """The subject as RFC 4514 text, with short names for the attributes of CPS subjects."""
+    return cert.subject.rfc4514_string(_SHORT_NAMES)
 
 
 def _self_issued(cert: x509.Certificate) -> bool:

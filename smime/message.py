@@ -18,7 +18,7 @@ from smime.algorithms import CIPHERS, ContentCipher
 from smime.certpath import DEFAULT_POLICY, TrustStore, ValidationPolicy
 from smime.cms import load_content_info
 from smime.envelope import Decrypted, decrypt_content, encrypt_content
-from smime.errors import MalformedMessage, NestingTooDeep, NoRecipientInfo
+from smime.errors import DecryptionFailed, MalformedMessage, NestingTooDeep
 from smime.keys import (
     Decrypter,
     HashName,
@@ -181,7 +181,7 @@ async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: Tr
             entity = report.content
         else:
             if decrypter is None:
-                raise NoRecipientInfo("(no decryption key given)", ())
+                raise DecryptionFailed("the message is encrypted and no decryption key was given")
             decrypted = await decrypt_content(decode_body(block, body), decrypter)
             layers.append(Layer("encrypted", f"{decrypted.structure} {decrypted.cipher} {decrypted.key_transport}",
                                 decrypted=decrypted))
