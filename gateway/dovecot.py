@@ -360,6 +360,15 @@ def _proxy_header(peer: tuple[str, int], local: tuple[str, int]) -> bytes:
     return f"PROXY {family} {src} {dst} {peer[1]} {local[1]}\r\n".encode("ascii")
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent (proc(5): the state follows the command name's parenthesis)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 class DovecotSupervisor:
     """Runs the embedded Dovecot (`binary -F -c dovecot.conf`) and the IMAP relay in front of it.
 
@@ -570,10 +579,11 @@ class DovecotSupervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     async def _relay_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -581,11 +591,17 @@ class DovecotSupervisor:
         self._relayed.add(task)
         try:
             await self._splice(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()  # stop() ends the connections in flight; nothing to report
         finally:
             self._relayed.discard(task)
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end."""
+        """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end.
+
+        IMAP has no use for half-closed connections: when either side ends, what it sent has been passed on (a
+        server's BYE included), and both connections are closed.
+        """
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         try:
@@ -600,24 +616,17 @@ class DovecotSupervisor:
         up_w.write(_proxy_header((peer[0], peer[1]), (local[0], local[1])))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
+            with contextlib.suppress(OSError):
                 while data := await src.read(_RELAY_CHUNK):
                     dst.write(data)
                     await dst.drain()
-                if dst.can_write_eof():
-                    dst.write_eof()
-            except OSError:
-                pass
 
         tasks = [asyncio.create_task(pipe(reader, up_w)), asyncio.create_task(pipe(up_r, writer))]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            # One side is done; let the other drain what is in flight (a server's BYE), then close both.
-            await asyncio.wait(tasks, timeout=5)
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for w in (up_w, writer):
                 w.close()
-

@@ -404,3 +404,29 @@ def test_stop_kills_a_dovecot_that_ignores_sigterm(dovecot_kit: Any) -> None:
     finally:
         dovecot_kit.stop(dv)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_dovecot_left_by_a_killed_gateway_is_replaced(dovecot_kit: Any) -> None:
+    root = dovecot_kit.new_root()
+    cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
+    dovecot_kit.stop(dovecot_kit.start(cfg, root, ACCOUNTS))
+    conf = cfg.mailboxes.base_dir / "mssgw-dovecot.conf"
+    # What a gateway killed with SIGKILL leaves behind: its Dovecot, still running, holding base_dir.
+    orphan = subprocess.Popen([str(cfg.mailboxes.binary), "-F", "-c", str(conf)], stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (cfg.mailboxes.base_dir / "master.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dv = dovecot_kit.start(cfg, root, ACCOUNTS)
+        try:
+            assert orphan.wait(timeout=30) is not None
+            assert dv.supervisor.pid != orphan.pid
+            assert deliver(dv, [ALICE], sample_message("after the orphan"))[ALICE].ok
+        finally:
+            dovecot_kit.stop(dv)
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        shutil.rmtree(root, ignore_errors=True)

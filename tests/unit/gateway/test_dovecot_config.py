@@ -167,3 +167,33 @@ def test_proxy_header_carries_the_client_addresses() -> None:
     assert _proxy_header(("::1", 5), ("::1", 6)) == b"PROXY TCP6 ::1 ::1 5 6\r\n"
     assert _proxy_header(("::ffff:10.0.0.1", 5), ("10.0.0.2", 6)) == b"PROXY TCP4 10.0.0.1 10.0.0.2 5 6\r\n"
     assert _proxy_header(("10.0.0.1", 5), ("::1", 6)) == b"PROXY UNKNOWN\r\n"
+
+
+def test_cli_prints_the_rendered_config(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    toml = root / "gw.toml"
+    toml.write_text(f"""
+hostname = "gw.dev.mssante.test"
+local_domains = ["dev.mssante.test"]
+[tls]
+cert = "tls.crt"
+key = "tls.key"
+[database]
+url = "sqlite:///gateway.db"
+[spool]
+dir = "spool"
+[submission]
+listen = {{ host = "127.0.0.1", port = 10587 }}
+[mailboxes]
+mode = "embedded"
+imap = {{ host = "127.0.0.1", port = 10143 }}
+base_dir = "dc"
+mail_dir = "mail"
+mail_user = "{existing_mail_user()}"
+""")
+    assert main(["-c", str(toml), "dovecot", "config"]) == 0
+    out = capsys.readouterr().out
+    assert f'base_dir = "{root}/dc"' in out and "ssl = required" in out
+    assert main(["-c", str(toml), "dovecot", "config", "--sql"]) == 0
+    assert f"connect = {root}/gateway.db" in capsys.readouterr().out
