@@ -8,7 +8,7 @@ from typing import Any
 
 from config.loader import load
 from gateway.cli import add_command
-from gateway.dovecot import render_config, render_sql_config
+from gateway.dovecot_config import render_config, render_sql_config
 
 
 def register(sub: Any) -> None:

@@ -23,11 +23,11 @@ from config.schema import (
     SubmissionConfig,
     TLSConfig,
 )
-from gateway.dovecot import (
+from gateway.dovecot import _proxy_header
+from gateway.dovecot_config import (
     DovecotConfigError,
     MailDirUnreachable,
     MailUserMissing,
-    _proxy_header,
     prepare_mail_dir,
     render_config,
     render_sql_config,
