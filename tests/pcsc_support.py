@@ -1,19 +1,17 @@
-"""Start pcscd (our own reader.conf, vpcd bound to loopback) and a virtual CPS card for the tests.
+"""pcscd and a virtual CPS card for the tests (built on cps.devstack), and a throwaway practitioner PKI.
 
-pcscd is a machine-wide singleton: if one runs already with the gateway's reader configuration
-(started by the Makefile), it is reused and left running; otherwise one is started here and
-stopped at the end. The tests' card always sits in the second vpcd slot (`... 00 01`, port
-0x9C41) so that the demo card of `make run` (slot `00 00`) is never touched.
+pcscd is a machine-wide singleton: if one runs already with the gateway's reader (started by
+`make run` through `python -m cps.devstack up`), it is reused and left running; otherwise one is
+started here, in its own loopback-only network namespace, and stopped at the end. The tests'
+card always sits in the second vpcd slot (`... 00 01`, port 0x9C41), so the demo card of
+`make run` (slot `00 00`) is never touched.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,73 +20,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from cps.errors import CardError
-from cps.pcsc import PcscContext
+from cps.devstack import (
+    DevStackError,
+    card_command,
+    card_present,
+    reader_name,
+    readers,
+    running_pcscd_pid,
+    start_pcscd,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-READER_PREFIX = "Gateway Test PCD"
-BASE_PORT = 0x9C40
 TEST_SLOT = 1
-VPCD_LIBRARY = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
-
-
-def reader_conf(directory: Path) -> Path:
-    """Write the reader.conf directory pcscd needs (`-c` wants an absolute path: pcscd chdirs to /)."""
-    directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "gateway-vpcd").write_text(
-        f'FRIENDLYNAME "{READER_PREFIX}"\n'
-        f"DEVICENAME   /dev/null:0x{BASE_PORT:04X}\n"
-        f"LIBPATH      {VPCD_LIBRARY}\n"
-        f"CHANNELID    0x{BASE_PORT:04X}\n")
-    return directory
-
-
-def reader_name(slot: int) -> str:
-    return f"{READER_PREFIX} 00 {slot:02d}"
-
-
-def _readers() -> list[str] | None:
-    """The readers pcscd knows, or None when no pcscd answers."""
-    try:
-        with PcscContext() as ctx:
-            return ctx.readers()
-    except CardError:
-        return None
-
-
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def card_present(reader: str) -> bool:
-    try:
-        with PcscContext() as ctx:
-            states = ctx.states([reader])
-    except CardError:
-        return False
-    return bool(states) and states[0].present
-
-
-def running_pcscd_pid() -> int:
-    found = subprocess.run(["pgrep", "-x", "pcscd"], capture_output=True, text=True, check=False).stdout.split()
-    if len(found) != 1:
-        raise RuntimeError(f"expected one running pcscd, found {found}")
-    return int(found[0])
-
-
-def card_command_prefix(pcscd_pid: int) -> list[str]:
-    """Run the card in pcscd's network namespace, refusing a pcscd whose vpcd port faces the network."""
-    theirs = os.readlink(f"/proc/{pcscd_pid}/ns/net")
-    if theirs == os.readlink("/proc/self/ns/net"):
-        raise RuntimeError("pcscd runs in the host network namespace, so vpcd listens on every interface; "
-                           "start it with `unshare --net` (see tests/pcsc_support.py)")
-    return ["nsenter", f"--net=/proc/{pcscd_pid}/ns/net", "--"]
 
 
 @dataclass
@@ -152,18 +96,13 @@ class PcscStack:
         self._card: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        readers = _readers()
-        if readers is None:
-            conf = reader_conf(self.workdir / "reader.conf.d")
-            pcscd = shutil.which("pcscd") or "/usr/sbin/pcscd"
-            self._pcscd = subprocess.Popen(
-                ["unshare", "--net", "--", "sh", "-c", f'ip link set lo up && exec "{pcscd}" -f -c "{conf}"'],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait(lambda: self.reader in (_readers() or []), 10, "pcscd")
+        known = readers()
+        if known is None:
+            self._pcscd = start_pcscd(self.workdir / "reader.conf.d")
             self.pcscd_pid = self._pcscd.pid
-        elif self.reader not in readers:
-            raise RuntimeError(f"a pcscd without the gateway's vpcd reader is running (readers: {readers}); "
-                               "stop it or start it with the gateway's reader.conf")
+        elif self.reader not in known:
+            raise DevStackError(f"a pcscd without the gateway's vpcd reader is running (readers: {known}); "
+                                "stop it, or start it with `python -m cps.devstack up`")
         else:
             self.pcscd_pid = running_pcscd_pid()
         self.start_card()
@@ -172,17 +111,16 @@ class PcscStack:
         pin_file = self.workdir / "card.pin"
         pin_file.write_text(self.pin)
         pin_file.chmod(0o600)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         self._card = subprocess.Popen(
-            [*card_command_prefix(self.pcscd_pid), sys.executable, "-m", "cps.virtual_card",
-             "--pki", str(self.files.pki), "--rpps", self.files.rpps, "--port", str(BASE_PORT + TEST_SLOT),
-             "--pin-file", str(pin_file), "--latency", str(latency)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            card_command(self.pcscd_pid, self.files.pki, self.files.rpps, TEST_SLOT, pin_file=pin_file,
+                         latency=latency),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=ROOT)
         assert self._card.stdout is not None
         line = self._card.stdout.readline()
         if not line.startswith("ready"):
-            raise RuntimeError(f"virtual card did not start: {line!r}")
-        _wait(lambda: card_present(self.reader), 10, "the card in the reader")
+            raise DevStackError(f"virtual card did not start: {line!r}")
+        wait_until(lambda: card_present(self.reader), 10, "the card in the reader")
 
     def control(self, command: str) -> None:
         assert self._card is not None and self._card.stdin is not None and self._card.stdout is not None
@@ -190,17 +128,17 @@ class PcscStack:
         self._card.stdin.flush()
         answer = self._card.stdout.readline().strip()
         if answer != f"ok {command}":
-            raise RuntimeError(f"virtual card answered {answer!r} to {command!r}")
+            raise DevStackError(f"virtual card answered {answer!r} to {command!r}")
 
     def remove(self, wait: bool = True) -> None:
         self.control("remove")
         if wait:
-            _wait(lambda: not card_present(self.reader), 10, "the card to be seen as removed")
+            wait_until(lambda: not card_present(self.reader), 10, "the card to be seen as removed")
 
     def insert(self, wait: bool = True) -> None:
         self.control("insert")
         if wait:
-            _wait(lambda: card_present(self.reader), 10, "the card to be seen as inserted")
+            wait_until(lambda: card_present(self.reader), 10, "the card to be seen as inserted")
 
     def set_latency(self, seconds: float) -> None:
         self.control(f"latency {seconds}")
