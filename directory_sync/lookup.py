@@ -1,6 +1,6 @@
 """Recipient lookup for the SMTP session (DESIGN.md flow 1: `550 5.1.1` when unknown).
 
-A lookup is one primary-key read of `dir_mailbox` plus one indexed read of the usable
+A lookup is one primary-key read of `dir_mailbox` plus one indexed read of the
 certificates, run on a small thread pool so the event loop never waits on the database. The
 domain is compared case-insensitively (RFC 5321 §2.4), the local part exactly as published.
 """
@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from directory_sync.errors import DirectoryUnavailable
 from directory_sync.mapping import address_key
-from directory_sync.models import Certificate, Mailbox
 
 log = logging.getLogger(__name__)
-
-ENCRYPTION_USAGES = ("encryption", "any")
-
 
 @dataclass(frozen=True, slots=True)
 class RecipientCertificate:
@@ -54,60 +52,107 @@ class Recipient:
     certificates: tuple[RecipientCertificate, ...]
 
 
-_MAILBOX = select(
-    Mailbox.address, Mailbox.mailbox_type, Mailbox.id_type, Mailbox.id_pp, Mailbox.id_nat_ps, Mailbox.civility,
-    Mailbox.last_name, Mailbox.first_name, Mailbox.profession, Mailbox.structure_id, Mailbox.structure_name,
-    Mailbox.service, Mailbox.liste_rouge,
-)
+_MAILBOX_COLUMNS = ("address", "mailbox_type", "id_type", "id_pp", "id_nat_ps", "civility", "last_name",
+                    "first_name", "profession", "structure_id", "structure_name", "service", "liste_rouge")
+_MAILBOX_SQL = f"SELECT {', '.join(_MAILBOX_COLUMNS)} FROM dir_mailbox WHERE address_key = {{p}}"
+_CERTS_SQL = ("SELECT fingerprint_sha256, subject, not_before, not_after, der FROM dir_certificate "
+              "WHERE usage IN ('encryption', 'any') AND (address_key = {p} OR id_nat_ps = {p})")
 
 
 class DirectoryLookup:
-    """`await lookup(address)`: the recipient, or None when the address is not published."""
+    """`await lookup(address)`: the recipient, or None when the address is not published.
+
+    The hot path is two fixed SQL statements on a DBAPI connection kept by each pool thread:
+    building SQLAlchemy statements costs more than the indexed reads themselves. Each read
+    ends its transaction, so a lookup always sees the last committed sync.
+    """
 
     def __init__(self, engine: Engine, *, threads: int = 4) -> None:
         self._engine = engine
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dir-lookup")
+        self._local = threading.local()
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._mailbox_sql = _MAILBOX_SQL.format(p=mark)
+        self._certs_sql = _CERTS_SQL.format(p=mark)
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
 
     async def lookup(self, address: str) -> Recipient | None:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.lookup_blocking, address)
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._engine.raw_connection()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.invalidate()
+            except Exception:  # noqa: BLE001 - the connection is being thrown away
+                log.debug("could not invalidate a broken lookup connection")
 
     def lookup_blocking(self, address: str, now: dt.datetime | None = None) -> Recipient | None:
         key = address_key(address)
         if key is None:
             return None
         try:
-            with self._engine.connect() as conn:
-                row = conn.execute(_MAILBOX.where(Mailbox.address_key == key)).first()
-                if row is None:
-                    return None
-                when = now or dt.datetime.now(dt.UTC)
-                owners = [Certificate.address_key == key]
-                if row.id_nat_ps:
-                    owners.append(Certificate.id_nat_ps == row.id_nat_ps)
-                certs = conn.execute(
-                    select(Certificate.fingerprint_sha256, Certificate.subject, Certificate.not_after, Certificate.der)
-                    .where(or_(*owners), Certificate.usage.in_(ENCRYPTION_USAGES),
-                           Certificate.not_before <= when, Certificate.not_after > when)
-                    .order_by(Certificate.not_after.desc())
-                ).all()
+            conn = self._connection()
+            cur = conn.cursor()
+            try:
+                cur.execute(self._mailbox_sql, (key,))
+                row = cur.fetchone()
+                certs: list[Any] = []
+                if row is not None:
+                    cur.execute(self._certs_sql, (key, row[4] or ""))
+                    certs = cur.fetchall()
+            finally:
+                cur.close()
+                conn.rollback()
         except SQLAlchemyError as exc:
+            self._drop_connection()
+            raise DirectoryUnavailable(type(exc).__name__) from exc
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            self._drop_connection()
             log.warning("directory lookup failed: %s", type(exc).__name__)
             raise DirectoryUnavailable(type(exc).__name__) from exc
+        if row is None:
+            return None
+        when = now or dt.datetime.now(dt.UTC)
+        usable = []
+        for fp, subject, not_before, not_after, der in certs:
+            start, end = _aware(not_before), _aware(not_after)
+            if start <= when < end:
+                usable.append(RecipientCertificate(fp, subject, end, bytes(der)))
+        usable.sort(key=lambda c: c.not_after, reverse=True)
+        (addr, mtype, id_type, id_pp, id_nat_ps, civility, last, first, profession, sid, sname, service,
+         red) = row
         return Recipient(
-            address=row.address, mailbox_type=row.mailbox_type, id_nat_ps=row.id_nat_ps,
-            rpps=row.id_pp if row.id_type == "8" else None, civility=row.civility, last_name=row.last_name,
-            first_name=row.first_name, profession=row.profession, structure_id=row.structure_id,
-            structure_name=row.structure_name, service=row.service, liste_rouge=bool(row.liste_rouge),
-            certificates=tuple(
-                RecipientCertificate(c.fingerprint_sha256, c.subject, _aware(c.not_after), c.der) for c in certs
-            ),
+            address=addr, mailbox_type=mtype, id_nat_ps=id_nat_ps, rpps=id_pp if id_type == "8" else None,
+            civility=civility, last_name=last, first_name=first, profession=profession, structure_id=sid,
+            structure_name=sname, service=service, liste_rouge=bool(red), certificates=tuple(usable),
         )
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite returns naive datetimes; they were stored in UTC."""
+def _aware(value: dt.datetime | str) -> dt.datetime:
+    """SQLite hands back the stored text (naive, UTC); PostgreSQL an aware datetime."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)

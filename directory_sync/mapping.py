@@ -48,6 +48,7 @@ def address_key(address: str) -> str | None:
 
 
 def content_digest(values: Values) -> bytes:
+    """The digest `extract` computes: the fields joined by US (0x1F), an empty field as ''."""
     joined = "\x1f".join(v if v is not None else "" for v in values)
     return hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
 
@@ -112,21 +113,23 @@ class BoundEntity:
         Raises RowRejected when the row is unusable for this table.
         """
         for header, pos in self._required:
-            if pos is None or not row[pos].strip():
+            if pos is None or not row[pos]:
                 raise RowRejected(f"empty {header!r}")
         raw = self._get(row)
         if self._single:
             raw = (raw,)
         if self._all_present:
-            values: Values = tuple(v.strip() or None for v in raw)
+            values: Values = tuple([v or None for v in raw])
+            joined = "\x1f".join(raw)
         else:
-            values = tuple(None if s is None else (raw[s].strip() or None) for s in self._slots)
+            values = tuple([None if s is None else (raw[s] or None) for s in self._slots])
+            joined = "\x1f".join([v or "" for v in values])
         spec = self.spec
         if spec.validate is not None:
             reason = spec.validate(dict(zip(self._field_names, values, strict=True)))
             if reason is not None:
                 raise RowRejected(reason)
-        digest = content_digest(values)
+        digest = hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
         if self._key_pos is None:
             key: str | None = digest.hex()
         else:

@@ -331,11 +331,14 @@ def _changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:
 
 
 def _record(conn: Connection, report: SyncReport, started: dt.datetime, status: str, message: str | None) -> int:
+    """One row per run; a refused or failed run applied nothing, so it counts no change."""
+    applied = status in ("ok", "unchanged")
     result = conn.execute(insert(SyncRun).values(
         kind=report.kind.value, source=report.source, started_at=started, finished_at=dt.datetime.now(dt.UTC),
         status=status, forced=report.forced, rows_read=report.rows_read, rows_malformed=report.malformed_count,
-        inserted=sum(t.inserted for t in report.tables), updated=sum(t.updated for t in report.tables),
-        deleted=sum(t.deleted for t in report.tables), message=message,
+        inserted=sum(t.inserted for t in report.tables) if applied else 0,
+        updated=sum(t.updated for t in report.tables) if applied else 0,
+        deleted=sum(t.deleted for t in report.tables) if applied else 0, message=message,
     ))
     pk = result.inserted_primary_key
     return int(pk[0]) if pk is not None else 0

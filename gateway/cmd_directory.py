@@ -104,8 +104,7 @@ class _Bar:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if self.quiet:
             return
-        if phase != self.phase:
-            self.phase, self.t0 = phase, time.monotonic()
+        self.phase = phase
         share = done / total if total else 1.0
         took = time.monotonic() - self.t0
         if self.tty:
@@ -116,6 +115,8 @@ class _Bar:
                 sys.stderr.write("\n")
         elif done >= total:
             sys.stderr.write(f"  {phase}: {total / 1e6:.1f} MB in {took:.1f} s\n")
+        if done >= total:
+            self.t0 = time.monotonic()
         sys.stderr.flush()
 
 

@@ -1,0 +1,148 @@
+"""Directory benchmark (issue 5): import, re-import and lookup figures beside their baselines.
+
+    .venv/bin/python bench/directory_bench.py [--scale 1.0] [--workdir DIR]
+
+At scale 1: a generated 2,000,000-row PS_LibreAcces_Personne_activite file and a 550,000-row
+MSSanté file. Baseline: the sqlite3 command-line `.import` of the same files plus the same
+indexes, in the same run. Each import runs in a child process so that its peak RSS is its own.
+Targets: full import <= 1.5x `.import`; peak RSS < 300 MB; the 1 %-changed re-import >= 4x
+faster than the full import; 50,000 lookups/s on one core; async lookup p99 < 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from directory_sync.synthetic import mssante_lines, personne_activite_lines, write_extract  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from directory_sync.database import make_engine, migrate
+from directory_sync.sync import import_paths
+engine = make_engine("sqlite:///" + {db!r})
+migrate(engine)
+t0 = time.perf_counter()
+reports = import_paths(engine, {files!r}, force=True)
+took = time.perf_counter() - t0
+print(json.dumps({{"seconds": took, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rows": sum(r.rows_read for r in reports), "summaries": [r.summary() for r in reports]}}))
+"""
+
+BASELINE_INDEXES = {
+    "pa": ['"Identification nationale PP"', '"Identifiant technique de la structure"'],
+    "mss": ['"Adresse BAL"', '"Identification nationale PP"', '"Identification Structure"'],
+}
+
+
+def run_child(db: Path, files: list[Path]) -> dict[str, object]:
+    code = CHILD.format(root=str(ROOT), db=str(db), files=[str(f) for f in files])
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def sqlite_import(db: Path, files: dict[str, Path]) -> float:
+    cmds = [".mode list", ".separator |"]
+    for table, path in files.items():
+        cmds.append(f".import '{path}' {table}")
+        cmds += [f"CREATE INDEX ix_{table}_{i} ON {table} ({col});" for i, col in enumerate(BASELINE_INDEXES[table])]
+    t0 = time.perf_counter()
+    subprocess.run(["sqlite3", str(db)], input="\n".join(cmds), text=True, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def lookups(db: Path, addresses: list[str]) -> tuple[float, float, float]:
+    from directory_sync.database import make_engine
+    from directory_sync.lookup import DirectoryLookup
+
+    lookup = DirectoryLookup(make_engine(f"sqlite:///{db}"), threads=1)
+    for a in addresses[:500]:
+        lookup.lookup_blocking(a)
+    t0 = time.perf_counter()
+    for a in addresses:
+        lookup.lookup_blocking(a)
+    per_second = len(addresses) / (time.perf_counter() - t0)
+
+    async def timed() -> list[float]:
+        out = []
+        for a in addresses:
+            s = time.perf_counter()
+            await lookup.lookup(a)
+            out.append(time.perf_counter() - s)
+        return out
+
+    lat = sorted(asyncio.run(timed()))
+    lookup.close()
+    return per_second, lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--lookups", type=int, default=20_000)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mssgw-dirbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    pa_rows, mss_rows = int(2_000_000 * args.scale), int(550_000 * args.scale)
+
+    t0 = time.perf_counter()
+    pa = write_extract(work / "PS_LibreAcces_Personne_activite.txt", personne_activite_lines(pa_rows))
+    mss = write_extract(work / "Extraction_Correspondance_MSSante.txt", mssante_lines(mss_rows))
+    pa2 = write_extract(work / "PS_LibreAcces_Personne_activite_2.txt", personne_activite_lines(pa_rows, changed_share=0.01))
+    mss2 = write_extract(work / "Extraction_Correspondance_MSSante_2.txt", mssante_lines(mss_rows, changed_share=0.01))
+    print(f"generated {pa_rows:,} + {mss_rows:,} rows ({(pa.stat().st_size + mss.stat().st_size) / 1e6:.0f} MB) "
+          f"in {time.perf_counter() - t0:.1f} s, in {work}")
+
+    base_db, db = work / "baseline.db", work / "directory.db"
+    for f in (base_db, db):
+        f.unlink(missing_ok=True)
+    baseline = sqlite_import(base_db, {"pa": pa, "mss": mss})
+    full = run_child(db, [pa, mss])
+    again = run_child(db, [pa2, mss2])
+    same = run_child(db, [pa2, mss2])
+
+    rows = pa_rows + mss_rows
+    seconds = float(full["seconds"])  # type: ignore[arg-type]
+    print()
+    print(f"{'figure':42} {'measured':>14} {'baseline / target':>34}")
+    print(f"{'full import, s':42} {seconds:14.1f} {baseline:20.1f} (.import)  <= {1.5 * baseline:.1f}")
+    print(f"{'full import, rows/s':42} {rows / seconds:14,.0f} {rows / baseline:20,.0f} (.import)")
+    print(f"{'full import, ratio to .import':42} {seconds / baseline:14.2f} {'<= 1.50':>34}")
+    print(f"{'full import, peak RSS MB':42} {float(full['rss_mb']):14.0f} {'< 300':>34}")  # type: ignore[arg-type]
+    re_s = float(again["seconds"])  # type: ignore[arg-type]
+    print(f"{'re-import, 1 % changed, s':42} {re_s:14.1f} {seconds / 4:20.1f} (full / 4)  speed-up {seconds / re_s:.1f}x")
+    print(f"{'re-import, unchanged, s':42} {float(same['seconds']):14.1f}")  # type: ignore[arg-type]
+    print(f"{'re-import, peak RSS MB':42} {float(again['rss_mb']):14.0f} {'< 300':>34}")  # type: ignore[arg-type]
+    for s in again["summaries"]:  # type: ignore[attr-defined]
+        print("   ", s)
+
+    known = [line.split("|", 2)[1] for line in random.Random(5).sample(
+        mss.read_text(encoding="utf-8").splitlines()[1:], min(args.lookups, mss_rows))]
+    addresses = known + [f"inconnu{i}@medecin.mssante.fr" for i in range(len(known) // 10)]
+    random.Random(6).shuffle(addresses)
+    per_second, p50, p99 = lookups(db, addresses)
+    print(f"{'lookups per second (one thread)':42} {per_second:14,.0f} {'>= 50,000':>34}")
+    print(f"{'async lookup p50, ms':42} {p50:14.3f}")
+    print(f"{'async lookup p99, ms':42} {p99:14.3f} {'< 1':>34}")
+    if args.workdir is None:
+        shutil.rmtree(work)
+    _ = statistics
+
+
+if __name__ == "__main__":
+    main()
