@@ -25,6 +25,7 @@ from pcsc_support import PcscStack, PracticeCardFiles
 
 from cps.errors import (
     CardRemoved,
+    CardTimeout,
     NoCardPresent,
     PinBlocked,
     PinIncorrect,
@@ -172,6 +173,22 @@ async def test_removal_during_a_signature_then_reinsertion(session: CardSession,
     public = signer.certificate.public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     public.verify(signature, b"after reinsertion", padding.PKCS1v15(), hashes.SHA256())
+
+
+async def test_slow_card_times_out_then_serves_the_next_operation(stack: PcscStack) -> None:
+    session = CardSession(stack.reader, timeout=0.5)
+    try:
+        await session.status()
+        await session.unlock(PIN)
+        stack.set_latency(1.5)
+        with pytest.raises(CardTimeout) as info:
+            await session.signer().sign(b"slow")
+        assert info.value.hold and info.value.operation == "sign"
+        stack.set_latency(0)
+        session.timeout = 10
+        assert len(await session.signer().sign(b"next")) == 256  # queued behind the slow one on the card thread
+    finally:
+        await session.close()
 
 
 async def test_presence_events(stack: PcscStack) -> None:
