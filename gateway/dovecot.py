@@ -288,8 +288,14 @@ class DovecotSupervisor:
         return lmtp_ok and imap_ok
 
     async def _reap_stale_instance(self) -> None:
-        """A gateway killed with SIGKILL leaves its Dovecot running; stop that one (ours: same config) first."""
-        pidfile = self.cfg.mailboxes.base_dir / "master.pid"
+        """A gateway killed with SIGKILL leaves its Dovecot running; stop that one (ours: same config) first.
+
+        Its master may linger as a zombie until its new parent reaps it, and Dovecot would take the pid in
+        master.pid for a running instance: once the process is dead or a zombie, the file goes too. Then wait for
+        its LMTP socket to stop answering (its children exit when they notice their master is gone).
+        """
+        base = self.cfg.mailboxes.base_dir
+        pidfile = base / "master.pid"
         try:
             pid = int(pidfile.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -306,6 +312,17 @@ class DovecotSupervisor:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                await asyncio.sleep(0.05)
+        pidfile.unlink(missing_ok=True)
+        deadline = time.monotonic() + self.stop_timeout
+        while time.monotonic() < deadline:
+            try:
+                _, w = await asyncio.open_unix_connection(str(base / "lmtp"))
+            except OSError:
+                return
+            w.close()
+            await asyncio.sleep(0.1)
 
     async def _relay_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
