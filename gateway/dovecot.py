@@ -144,6 +144,7 @@ class DovecotSupervisor:
         mb = self.cfg.mailboxes
         await asyncio.to_thread(prepare_mail_dir, self.cfg)
         mb.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(mb.base_dir, 0o755)  # Dovecot wants it searchable by its login processes; the files are 0600
         (mb.base_dir / "state").mkdir(mode=0o700, exist_ok=True)
         self._backend_port = free_loopback_port()
         write_private(self.conf_path, render_config(self.cfg, backend_port=self._backend_port))

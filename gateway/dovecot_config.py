@@ -276,6 +276,15 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _make_searchable_parents(path: Path) -> None:
+    """Create the missing parents of `path` 0755 whatever the umask (the gateway runs under 077); existing ones are
+    left as they are, and checked by the caller."""
+    missing = [p for p in path.parents if not p.exists()]
+    for parent in reversed(missing):
+        parent.mkdir(exist_ok=True)
+        os.chmod(parent, 0o755)
+
+
 def prepare_mail_dir(cfg: GatewayConfig) -> None:
     """Create mail_dir (0700, owned by the mail user) and check that the mail user can reach it.
 
@@ -289,7 +298,8 @@ def prepare_mail_dir(cfg: GatewayConfig) -> None:
         raise MailUserMissing(mb.mail_user) from None
     gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if mb.mail_user in g.gr_mem}
     mail_dir = mb.mail_dir
-    mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_searchable_parents(mail_dir)
+    mail_dir.mkdir(mode=0o700, exist_ok=True)
     for parent in reversed(mail_dir.parents):
         st = parent.stat()
         if st.st_uid == pw.pw_uid:

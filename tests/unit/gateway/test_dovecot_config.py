@@ -197,3 +197,16 @@ mail_user = "{existing_mail_user()}"
     assert f'base_dir = "{root}/dc"' in out and "ssl = required" in out
     assert main(["-c", str(toml), "dovecot", "config", "--sql"]) == 0
     assert f"connect = {root}/gateway.db" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the mail user needs root")
+def test_missing_parents_are_created_searchable_under_a_strict_umask(root: Path) -> None:
+    cfg = config(root)
+    deep = dataclasses.replace(cfg, mailboxes=dataclasses.replace(cfg.mailboxes, mail_dir=root / "a" / "b" / "mail"))
+    old = os.umask(0o077)
+    try:
+        prepare_mail_dir(deep)
+    finally:
+        os.umask(old)
+    assert ((root / "a").stat().st_mode & 0o777) == 0o755 == ((root / "a" / "b").stat().st_mode & 0o777)
+    assert ((root / "a" / "b" / "mail").stat().st_mode & 0o777) == 0o700
