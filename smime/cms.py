@@ -7,6 +7,8 @@ and every failure is a `MalformedCms` with a reason.
 
 from __future__ import annotations
 
+import functools
+
 from asn1crypto import cms
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -35,7 +37,20 @@ def load_content_info(der: bytes) -> cms.ContentInfo:
 
 
 def to_asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
+    """asn1crypto's view of a certificate; parsing is lazy, and dumping it gives back the original DER."""
     return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+
+def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
+    """The DER IssuerAndSerialNumber of `cert` (RFC 5652 §10.2.4), computed once per certificate."""
+    return _issuer_and_serial_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+@functools.lru_cache(maxsize=256)
+def _issuer_and_serial_der(cert_der: bytes) -> bytes:
+    a = asn1_x509.Certificate.load(cert_der)
+    der: bytes = cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number}).dump()
+    return der
 
 
 def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
@@ -46,8 +61,8 @@ def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
 
 
 def issuer_and_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
-    a = to_asn1(cert)
-    return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
+    """The IssuerAndSerialNumber of `cert` (RFC 5652 §10.2.4), computed once per certificate."""
+    return cms.IssuerAndSerialNumber.load(issuer_and_serial_der(cert))
 
 
 def subject_key_id(cert: x509.Certificate) -> bytes | None:

@@ -32,6 +32,9 @@ _CONTENT_FIELD = re.compile(rb"(?i)^(content-[a-z0-9-]*|mime-version)\s*:")
 
 def to_crlf(data: bytes) -> bytes:
     """Every line ending as CRLF: the canonical form of RFC 8551 §3.1.1 (bare CR and LF included)."""
+    crlf = data.count(CRLF)
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data  # already canonical: no copy
     return _BARE_EOL.sub(CRLF, data)
 
 
@@ -129,9 +132,9 @@ _EIGHT_BIT_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binar
 
 
 def _needs_reencoding(entity: bytes) -> bool:
-    if _EIGHT_BIT_CTE.search(entity) or any(b >= 0x80 or b == 0 for b in entity):
+    if not entity.isascii() or b"\0" in entity or _EIGHT_BIT_CTE.search(entity):
         return True
-    return any(len(line) > MAX_LINE for line in _BARE_EOL.split(entity))
+    return max(map(len, entity.splitlines()), default=0) > MAX_LINE
 
 
 def canonicalize(entity: bytes) -> bytes:
@@ -167,7 +170,7 @@ def canonicalize(entity: bytes) -> bytes:
 
 def base64_lines(data: bytes) -> bytes:
     """Base64 in 76-character CRLF lines (RFC 2045 §6.8)."""
-    return to_crlf(base64.encodebytes(data))
+    return base64.encodebytes(data).replace(b"\n", CRLF)
 
 
 def new_boundary(content: bytes) -> str:

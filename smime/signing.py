@@ -8,15 +8,17 @@ messageDigest, signingTime, SMIMECapabilities and SMIMEEncryptionKeyPreference.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 from collections.abc import Sequence
 
 from asn1crypto import algos, cms, core
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
+from smime import der
 from smime.algorithms import MICALG, hash_algorithm, pss_parameters
-from smime.cms import issuer_and_serial, to_asn1
+from smime.cms import issuer_and_serial_der
 from smime.keys import HashName, SignaturePadding, Signer
 from smime.mime import (
     build_multipart_signed,
@@ -32,27 +34,42 @@ log = logging.getLogger(__name__)
 CAPABILITIES = ("aes256_gcm", "aes128_gcm", "aes256_cbc", "aes128_cbc", "rsaes_oaep")
 
 
-def _attribute(kind: str, value: object) -> cms.CMSAttribute:
-    return cms.CMSAttribute({"type": kind, "values": [value]})
+# Built once: the same bytes go into every signature.
+_CAPABILITIES_ATTRIBUTE: bytes = cms.CMSAttribute({
+    "type": "smime_capabilities",
+    "values": [cms.SMIMECapabilites([{"capability_id": c} for c in CAPABILITIES])],
+}).dump()
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_algorithm(hash_name: HashName) -> bytes:
+    der: bytes = algos.DigestAlgorithm({"algorithm": hash_name}).dump()
+    return der
+
+
+@functools.lru_cache(maxsize=16)
+def _signature_algorithm(padding: SignaturePadding, hash_name: HashName) -> bytes:
+    if padding == "pss":
+        alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": pss_parameters(hash_name)})
+    else:
+        alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()})
+    der: bytes = alg.dump()
+    return der
 
 
 def signed_attributes(content_digest: bytes, *, signing_time: datetime.datetime,
-                      encryption_certificate: x509.Certificate | None) -> cms.CMSAttributes:
-    """The signed attributes, in DER order (X.690 §11.6: a SET OF is sorted by encoding)."""
-    caps = cms.SMIMECapabilites([{"capability_id": c} for c in CAPABILITIES])
+                      encryption_certificate: x509.Certificate | None) -> bytes:
+    """The DER `SET OF` signed attributes (RFC 5652 §5.3, RFC 8551 §2.5), sorted as DER wants (X.690 §11.6)."""
     attrs = [
-        _attribute("content_type", "data"),
-        # RFC 5652 §11.3: UTCTime up to 2049, GeneralizedTime after.
-        _attribute("signing_time", cms.Time({"utc_time" if signing_time.year < 2050 else "general_time":
-                                             signing_time.replace(microsecond=0)})),
-        _attribute("message_digest", content_digest),
-        _attribute("smime_capabilities", caps),
+        der.attribute(der.CONTENT_TYPE, der.oid(der.DATA)),
+        der.attribute(der.SIGNING_TIME, der.time(signing_time)),
+        der.attribute(der.MESSAGE_DIGEST, der.octet_string(content_digest)),
+        _CAPABILITIES_ATTRIBUTE,
     ]
     if encryption_certificate is not None:
-        attrs.append(_attribute("encrypt_key_pref", cms.SMIMEEncryptionKeyPreference(
-            name="issuer_and_serial_number", value=issuer_and_serial(encryption_certificate))))
-    attrs.sort(key=lambda a: a.dump())
-    return cms.CMSAttributes(attrs)
+        ias = issuer_and_serial_der(encryption_certificate)
+        attrs.append(der.attribute(der.ENCRYPTION_KEY_PREFERENCE, der.implicit(0, ias, constructed=True)))
+    return der.set_of(*attrs)
 
 
 async def build_signed_data(content: bytes, signer: Signer, *, hash_name: HashName = "sha256",
@@ -69,29 +86,27 @@ async def build_signed_data(content: bytes, signer: Signer, *, hash_name: HashNa
     when = signing_time or datetime.datetime.now(datetime.UTC)
     attrs = signed_attributes(digest.finalize(), signing_time=when,
                               encryption_certificate=encryption_certificate or signer.certificate)
-    signature = await signer.sign(attrs.dump(), hash_name=hash_name, padding=padding)
-    if padding == "pss":
-        sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": pss_parameters(hash_name)})
-    else:
-        sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()})
-    signer_info = cms.SignerInfo({
-        "version": "v1",
-        "sid": cms.SignerIdentifier(name="issuer_and_serial_number", value=issuer_and_serial(signer.certificate)),
-        "digest_algorithm": algos.DigestAlgorithm({"algorithm": hash_name}),
-        "signed_attrs": attrs,
-        "signature_algorithm": sig_alg,
-        "signature": signature,
-    })
+    signature = await signer.sign(attrs, hash_name=hash_name, padding=padding)
+    signer_info = der.sequence(
+        der.integer(1),
+        issuer_and_serial_der(signer.certificate),
+        _digest_algorithm(hash_name),
+        der.implicit(0, attrs, constructed=True),
+        _signature_algorithm(padding, hash_name),
+        der.octet_string(signature),
+    )
     certs = [signer.certificate, *(c for c in chain if c.subject != c.issuer and c != signer.certificate)]
-    signed_data = cms.SignedData({
-        "version": "v1",
-        "digest_algorithms": [algos.DigestAlgorithm({"algorithm": hash_name})],
-        "encap_content_info": {"content_type": "data", "content": None if detached else content},
-        "certificates": [cms.CertificateChoices(name="certificate", value=to_asn1(c)) for c in certs],
-        "signer_infos": [signer_info],
-    })
-    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
-    return der
+    encap = [der.oid(der.DATA)]
+    if not detached:
+        encap += der.wrap(0xA0, der.wrap(der.OCTET_STRING, [content]))
+    signed_data = der.wrap(der.SEQUENCE, [
+        der.integer(1),
+        der.set_of(_digest_algorithm(hash_name)),
+        *der.wrap(der.SEQUENCE, encap),
+        der.implicit(0, der.set_of(*(c.public_bytes(serialization.Encoding.DER) for c in certs)), constructed=True),
+        der.set_of(signer_info),
+    ])
+    return b"".join(der.wrap(der.SEQUENCE, [der.oid(der.SIGNED_DATA), *der.wrap(0xA0, signed_data)]))
 
 
 async def sign_entity(entity: bytes, signer: Signer, *, hash_name: HashName = "sha256",
