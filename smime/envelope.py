@@ -7,6 +7,7 @@ so the RSA step may happen on a card; AES stays on the host.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from smime import der
 from smime.algorithms import (
     CIPHER_BY_OID_NAME,
     CIPHERS,
@@ -32,7 +34,7 @@ from smime.algorithms import (
 from smime.cms import (
     describe_identifier,
     identifies,
-    issuer_and_serial,
+    issuer_and_serial_der,
     load_content_info,
 )
 from smime.errors import (
@@ -69,8 +71,19 @@ class Decrypted:
     recipients: int
 
 
+@functools.lru_cache(maxsize=16)
+def _key_transport_algorithm(key_transport: KeyTransportPadding, oaep_hash: HashName) -> bytes:
+    if key_transport == "oaep":
+        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": oaep_parameters(oaep_hash)})
+    else:
+        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()})
+    out: bytes = alg.dump()
+    return out
+
+
 def _recipient_info(cert: x509.Certificate, cek: bytes, key_transport: KeyTransportPadding,
-                    oaep_hash: HashName) -> cms.RecipientInfo:
+                    oaep_hash: HashName) -> bytes:
+    """A KeyTransRecipientInfo v0 naming the certificate by issuer and serial (RFC 5652 §6.2.1)."""
     public_key = cert.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise UnsupportedAlgorithm(type(public_key).__name__, "recipient key")
@@ -78,16 +91,10 @@ def _recipient_info(cert: x509.Certificate, cek: bytes, key_transport: KeyTransp
     if key_transport == "oaep":
         h = hash_algorithm(oaep_hash)
         pad = asym_padding.OAEP(asym_padding.MGF1(h), h, None)
-        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": oaep_parameters(oaep_hash)})
     else:
         pad = asym_padding.PKCS1v15()
-        alg = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()})
-    return cms.RecipientInfo(name="ktri", value=cms.KeyTransRecipientInfo({
-        "version": "v0",
-        "rid": cms.RecipientIdentifier(name="issuer_and_serial_number", value=issuer_and_serial(cert)),
-        "key_encryption_algorithm": alg,
-        "encrypted_key": public_key.encrypt(cek, pad),
-    }))
+    return der.sequence(der.integer(0), issuer_and_serial_der(cert), _key_transport_algorithm(key_transport, oaep_hash),
+                        der.octet_string(public_key.encrypt(cek, pad)))
 
 
 def encrypt_content(content: bytes, recipients: Sequence[x509.Certificate], *,
@@ -96,40 +103,34 @@ def encrypt_content(content: bytes, recipients: Sequence[x509.Certificate], *,
     """The DER ContentInfo of `content` encrypted to every recipient, with a fresh key (RFC 5084 §1).
 
     CBC gives EnvelopedData v0; GCM gives AuthEnvelopedData v0, the only place GCM belongs
-    (OpenSSL refuses GCM inside EnvelopedData).
+    (OpenSSL refuses GCM inside EnvelopedData). The ciphertext is copied once, into the output.
     """
     if not recipients:
         raise ValueError("at least one recipient certificate is needed")
     spec = CIPHERS[cipher]
     cek = os.urandom(spec.key_size)
-    infos = [_recipient_info(c, cek, key_transport, oaep_hash) for c in recipients]
+    infos = der.set_of(*(_recipient_info(c, cek, key_transport, oaep_hash) for c in recipients))
+    cipher_oid = der.oid(algos.EncryptionAlgorithmId(spec.oid_name).dotted)
     if spec.mode == "cbc":
         iv = os.urandom(16)
-        padder = sym_padding.PKCS7(128).padder()
+        pad = 16 - len(content) % 16
         encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-        ciphertext = encryptor.update(padder.update(content) + padder.finalize()) + encryptor.finalize()
-        eci = cms.EncryptedContentInfo({
-            "content_type": "data",
-            "content_encryption_algorithm": {"algorithm": spec.oid_name, "parameters": iv},
-            "encrypted_content": ciphertext,
-        })
-        enveloped = cms.EnvelopedData({"version": "v0", "recipient_infos": infos, "encrypted_content_info": eci})
-        der: bytes = cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
-        return der
-    nonce = os.urandom(GCM_NONCE)
-    encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-    ciphertext = encryptor.update(content) + encryptor.finalize()
-    params = core.Any.load(GCMParameters({"aes_nonce": nonce, "aes_icvlen": GCM_TAG}).dump())
-    eci = cms.EncryptedContentInfo({
-        "content_type": "data",
-        "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": spec.oid_name,
-                                                                   "parameters": params}),
-        "encrypted_content": ciphertext,
-    })
-    auth = cms.AuthEnvelopedData({"version": "v0", "recipient_infos": infos,
-                                  "auth_encrypted_content_info": eci, "mac": encryptor.tag})
-    der = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth}).dump()
-    return der
+        ciphertext = encryptor.update(content)
+        tail = encryptor.update(bytes((pad,)) * pad) + encryptor.finalize()
+        algorithm = der.sequence(cipher_oid, der.octet_string(iv))
+        trailer: list[bytes] = []
+        kind = der.ENVELOPED_DATA
+    else:
+        nonce = os.urandom(GCM_NONCE)
+        encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        ciphertext = encryptor.update(content)
+        tail = encryptor.finalize()
+        algorithm = der.sequence(cipher_oid, der.sequence(der.octet_string(nonce), der.integer(GCM_TAG)))
+        trailer = [der.octet_string(encryptor.tag)]  # RFC 5083 §2.1: mac, no authAttrs for id-data
+        kind = der.AUTH_ENVELOPED_DATA
+    eci = der.wrap(der.SEQUENCE, [der.oid(der.DATA), algorithm, *der.wrap(0x80, [ciphertext, tail])])
+    body = der.wrap(der.SEQUENCE, [der.integer(0), infos, *eci, *trailer])
+    return b"".join(der.wrap(der.SEQUENCE, [der.oid(kind), *der.wrap(0xA0, body)]))
 
 
 async def decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
