@@ -1,9 +1,14 @@
 """Fixtures for integration tests: real servers on loopback ports, in short temporary directories.
 
-`embedded_dovecot` (one per test session) is a running embedded Dovecot, started by the gateway's own
-DovecotSupervisor on a background event loop, with a complete GatewayConfig (TLS from the development PKI, accounts
-in a temporary SQLite file). Blocking clients (imaplib, smtplib) can be used from the tests directly: the supervisor
-and its IMAP relay run on their own loop in their own thread.
+- `embedded_dovecot` (one per session): a running embedded Dovecot, started by the gateway's own DovecotSupervisor
+  on a background event loop, with a complete GatewayConfig (TLS from gateway.devpki, the accounts of ACCOUNTS in a
+  temporary SQLite file). Blocking clients (imaplib, smtplib) can be used from the tests directly: the supervisor and
+  its IMAP relay run on their own loop in their own thread.
+- `dovecot_kit`: helpers for tests that need an instance of their own (another database, a restart, a failure):
+  `new_root()`, `sqlite_accounts(path, accounts, inactive=())`, `config(root, url)`, `start(cfg, root, accounts)`,
+  `stop(running)`.
+- `dev_pki_dir`: the development PKI, once per session; `dovecot_binary`: skips where Dovecot or root is missing
+  (fails under CI) and creates the mail user as the Makefile does.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from config.schema import (
     SubmissionConfig,
     TLSConfig,
 )
+from gateway.dovecot import DovecotSupervisor
 
 T = TypeVar("T")
 
@@ -124,7 +130,7 @@ class RunningDovecot:
     """A running embedded Dovecot: its config, its supervisor and the loop the supervisor lives on."""
 
     cfg: GatewayConfig
-    supervisor: Any  # gateway.dovecot.DovecotSupervisor
+    supervisor: DovecotSupervisor
     loop: LoopThread
     accounts: Mapping[str, str]
     root: Path
@@ -140,10 +146,8 @@ class RunningDovecot:
 
 
 def start_dovecot(cfg: GatewayConfig, root: Path, accounts: Mapping[str, str]) -> RunningDovecot:
-    from gateway.dovecot import DovecotSupervisor
-
     loop = LoopThread()
-    supervisor = loop.run(_make_supervisor(DovecotSupervisor, cfg))
+    supervisor = loop.run(_make_supervisor(cfg))
     try:
         loop.run(supervisor.start())
         loop.run(supervisor.wait_ready())
@@ -154,8 +158,8 @@ def start_dovecot(cfg: GatewayConfig, root: Path, accounts: Mapping[str, str]) -
     return RunningDovecot(cfg, supervisor, loop, accounts, root)
 
 
-async def _make_supervisor(cls: Any, cfg: GatewayConfig) -> Any:
-    return cls(cfg)  # built on the server loop, which its asyncio.Events belong to
+async def _make_supervisor(cfg: GatewayConfig) -> DovecotSupervisor:
+    return DovecotSupervisor(cfg)  # built on the server loop, which its asyncio.Events belong to
 
 
 def stop_dovecot(running: RunningDovecot) -> None:
