@@ -35,6 +35,7 @@ from cps.errors import (
     CardRemoved,
     CardTimeout,
     NoCardPresent,
+    PcscError,
     PinBlocked,
     PinRequired,
     SecurityStatusNotSatisfied,
@@ -168,7 +169,11 @@ class CardSession:
             return self._cps
         if self._context is None:
             self._context = PcscContext()
-        card = self._context.connect(self.reader)
+        try:
+            card = self._context.connect(self.reader)
+        except PcscError:
+            self._drop_context()
+            raise
         channel = ApduChannel(card)
         cps = Cps3Card(channel)
         try:
@@ -202,9 +207,21 @@ class CardSession:
             log.warning("card %s removed or reset: PIN needed again", self.reader)
             self._forget()
             raise
+        except PcscError:
+            self._drop_context()
+            raise
         finally:
             self.round_trips = cps.channel.round_trips
         return result
+
+    def _drop_context(self) -> None:
+        """pcscd went away (restart, crash): forget the handle and the context; the next call starts afresh."""
+        log.warning("card %s: PC/SC service lost", self.reader)
+        self._card = self._cps = None
+        self._status = CardStatus(reader=self.reader, present=False)
+        if self._context is not None:
+            self._context.close()
+            self._context = None
 
     def _status_sync(self) -> CardStatus:
         try:

@@ -10,10 +10,13 @@ card always sits in the second vpcd slot (`... 00 01`, port 0x9C41), so the demo
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,6 +36,7 @@ from cps.devstack import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SLOT = 1
+LOCK_FILE = Path("/tmp/mssgw-pcsc-tests.lock")
 
 
 @dataclass
@@ -94,8 +98,10 @@ class PcscStack:
         self._pcscd: subprocess.Popen[bytes] | None = None
         self.pcscd_pid = 0
         self._card: subprocess.Popen[str] | None = None
+        self._lock: IO[str] | None = None
 
     def start(self) -> None:
+        self._lock_slot()
         known = readers()
         if known is None:
             self._pcscd = start_pcscd(self.workdir / "reader.conf.d")
@@ -149,9 +155,25 @@ class PcscStack:
             self._card.wait(timeout=10)
             self._card = None
 
+    def _lock_slot(self) -> None:
+        """Serialise test sessions on this machine: they share pcscd and the tests' slot."""
+        self._lock = LOCK_FILE.open("w")
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DevStackError(f"another test session holds {LOCK_FILE} for more than 10 minutes") from None
+                time.sleep(0.2)
+
     def stop(self) -> None:
         self.stop_card()
         if self._pcscd is not None:
             self._pcscd.terminate()
             self._pcscd.wait(timeout=10)
             self._pcscd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

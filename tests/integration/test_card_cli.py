@@ -24,8 +24,8 @@ PIN = "4321"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscStack]:
     files = make_test_pki(tmp_path_factory.mktemp("cli-pki"), rpps="10007654321")
     pcsc = PcscStack(tmp_path_factory.mktemp("pcsc"), files, pin=PIN)
-    pcsc.start()
     try:
+        pcsc.start()
         yield pcsc
     finally:
         pcsc.stop()

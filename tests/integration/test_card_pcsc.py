@@ -55,8 +55,8 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 def stack(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscStack]:
     files = PracticeCardFiles(pki=dev_pki.directory, rpps=RPPS, ca_cert=dev_pki.directory / "ca-bundle.pem")
     pcsc = PcscStack(tmp_path_factory.mktemp("pcsc"), files, pin=PIN)
-    pcsc.start()
     try:
+        pcsc.start()
         yield pcsc
     finally:
         pcsc.stop()
