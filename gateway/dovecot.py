@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from gateway.dovecot_config import (
     render_sql_config,
     write_private,
 )
+from gateway.logsetup import conn_id
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +331,7 @@ class DovecotSupervisor:
         task = asyncio.current_task()
         assert task is not None
         self._relayed.add(task)
+        conn_id.set(f"imap-{secrets.token_hex(4)}")  # this task's own context: every line of the connection has it
         try:
             await self._splice(reader, writer)
         except asyncio.CancelledError:

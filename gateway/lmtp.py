@@ -238,6 +238,7 @@ async def deliver(endpoint: str, sender: str, recipients: Sequence[str], message
                 log.warning("LMTP %s: %s; %d recipient(s) left without a reply", endpoint, exc, len(accepted) - i)
                 results.update({r: CONNECTION_LOST for r in accepted[i:]})
                 break
+        log.debug("LMTP %s: %s", endpoint, ", ".join(f"{r} {reply.code}" for r, reply in results.items()))
         return results
     finally:
         await session.close()
