@@ -35,6 +35,7 @@ SW_OK = 0x9000
 MAX_SHORT_DATA = 255
 CHAIN_BIT = 0x10
 INS_GET_RESPONSE = 0xC0
+MAX_RESPONSE_TOTAL = 65536  # a card that keeps answering 61xx is broken, not generous
 
 
 class Transport(Protocol):
@@ -134,6 +135,8 @@ class ApduChannel:
                                               le=(response.sw & 0xFF) or 256))
         data = response.data
         while response.sw & 0xFF00 == 0x6100:
+            if len(data) > MAX_RESPONSE_TOTAL:
+                raise MalformedResponse(f"response chaining beyond {MAX_RESPONSE_TOTAL} bytes")
             response = self._exchange(Command(command.cla & ~CHAIN_BIT & 0xFF, INS_GET_RESPONSE, 0, 0,
                                               le=(response.sw & 0xFF) or 256))
             data += response.data

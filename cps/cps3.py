@@ -168,16 +168,17 @@ class Cps3Card:
     def read_certificates(self) -> tuple[x509.Certificate, x509.Certificate]:
         """(authentication certificate, signature certificate), readable without the PIN."""
         self.select_application()
-        auth = x509.load_der_x509_certificate(self.read_binary(CERT_AUTH_FID))
-        sign = x509.load_der_x509_certificate(self.read_binary(CERT_SIGN_FID))
-        return auth, sign
+        return _certificate(self.read_binary(CERT_AUTH_FID)), _certificate(self.read_binary(CERT_SIGN_FID))
 
     def pin_tries_left(self) -> int:
         """GET DATA on the PIN SDO BF 81 01 (from the MF); tag 9B holds the remaining tries."""
         self.select_mf()
         answer = self.channel.send(Command(0x00, 0xCB, 0x3F, 0xFF, bytes.fromhex("4D087006BF810102A080"),
                                            le=256))
-        tries = _tlv_find(answer, 0x9B)
+        try:
+            tries = _tlv_find(answer, 0x9B)
+        except IndexError:
+            raise MalformedResponse("PIN SDO is not valid BER-TLV") from None
         if tries is None or len(tries) != 1:
             raise MalformedResponse("PIN SDO without a tries-remaining (9B) element")
         return tries[0]
@@ -248,6 +249,13 @@ class Cps3Card:
 
 def _le(key_size: int) -> int:
     return min(key_size, 256)
+
+
+def _certificate(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise MalformedResponse("certificate EF does not hold a DER X.509 certificate") from None
 
 
 def _der_length(head: bytes) -> int:

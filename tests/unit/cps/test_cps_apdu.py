@@ -96,3 +96,13 @@ def test_blocked_and_security_errors_ask_for_hold() -> None:
 def test_short_response_is_malformed() -> None:
     with pytest.raises(MalformedResponse):
         Response.decode(b"\x90")
+
+
+class _Endless:
+    def transmit(self, apdu: bytes) -> bytes:
+        return b"\x00" * 255 + b"\x61\x00"
+
+
+def test_endless_response_chaining_is_cut() -> None:
+    with pytest.raises(MalformedResponse, match="chaining"):
+        ApduChannel(_Endless()).send(Command(0x00, 0xB0, 0, 0, le=256))
