@@ -91,7 +91,7 @@ async def test_status_reads_identity_and_certificates(session: CardSession, dev_
 
 async def test_signature_verifies_with_the_certificate(session: CardSession) -> None:
     await session.status()
-    signer = session.signer()
+    signer: Signer = session.signer()  # mypy checks the protocol statically, isinstance at run time
     assert isinstance(signer, Signer)
     with pytest.raises(PinRequired):
         await signer.sign(b"too early")
@@ -120,7 +120,7 @@ async def test_unlock_by_another_connection_serves_the_gateway(session: CardSess
 
 async def test_decipher_unwraps_a_key(session: CardSession) -> None:
     await session.status()
-    decrypter = session.decrypter()
+    decrypter: Decrypter = session.decrypter()
     assert isinstance(decrypter, Decrypter)
     await session.unlock(PIN)
     public = decrypter.certificate.public_key()
