@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from asn1crypto import cms
+from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,12 +28,17 @@ def load_content_info(der: bytes) -> cms.ContentInfo:
         kind = info["content_type"].native
         if kind not in CONTENT_TYPES:
             raise MalformedCms(f"content type {kind} is not signed, enveloped or authEnveloped data")
-        info.native  # noqa: B018  (forces the full parse: failures surface here, not later)
+        info._parse_children(recurse=True)
     except MalformedCms:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         raise MalformedCms(f"{type(exc).__name__}: {exc}") from None
     return info
+
+
+def present(value: object) -> bool:
+    """Whether an OPTIONAL field is there (asn1crypto gives a Void for an absent one), without decoding it."""
+    return not isinstance(value, core.Void)
 
 
 def to_asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
@@ -76,8 +81,11 @@ def identifies(rid: cms.RecipientIdentifier | cms.SignerIdentifier, cert: x509.C
     """Whether a SignerIdentifier or RecipientIdentifier names `cert` (RFC 5652 §5.3, §6.2.1)."""
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
-        return bool(ias["serial_number"].native == cert.serial_number
-                    and ias["issuer"] == to_asn1(cert).issuer)
+        if ias["serial_number"].native != cert.serial_number:
+            return False
+        issuer = to_asn1(cert).issuer
+        # Same bytes is the usual case; otherwise RFC 5280 §7.1 name comparison (slower: string preparation).
+        return bool(ias["issuer"].dump() == issuer.dump() or ias["issuer"] == issuer)
     if rid.name == "subject_key_identifier":
         return bool(rid.chosen.native == subject_key_id(cert))
     return False

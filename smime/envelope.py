@@ -36,6 +36,7 @@ from smime.cms import (
     identifies,
     issuer_and_serial_der,
     load_content_info,
+    present,
 )
 from smime.errors import (
     DecryptionFailed,
@@ -225,7 +226,7 @@ def _decrypt_gcm(cek: bytes, params: core.Any, ciphertext: bytes, auth: cms.Auth
         raise MalformedCms(f"GCM tag of {len(tag)} bytes, parameters say {icv_len} (RFC 5084 §3.2: 12 to 16)")
     # RFC 5083 §2.1: the authenticated attributes, DER-encoded as a SET OF, are the AAD.
     attrs = auth["auth_attrs"]
-    aad = cms.CMSAttributes(list(attrs)).dump() if attrs.native is not None else b""
+    aad = cms.CMSAttributes(list(attrs)).dump() if present(attrs) else b""
     decryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=12)).decryptor()
     if aad:
         decryptor.authenticate_additional_data(aad)

@@ -33,7 +33,7 @@ from smime.certpath import (
     name_of,
     validate_path,
 )
-from smime.cms import from_asn1, identifies, load_content_info
+from smime.cms import from_asn1, identifies, load_content_info, present
 from smime.errors import (
     ContentTampered,
     MalformedCms,
@@ -118,7 +118,7 @@ def verify_signed_data(der: bytes, content: bytes | None = None, *, trust: Trust
         raise MalformedCms("SignedData has no SignerInfo")
     si: cms.SignerInfo = signed["signer_infos"][0]
     certs = [from_asn1(c.chosen) for c in signed["certificates"] if c.name == "certificate"] \
-        if signed["certificates"].native is not None else []
+        if present(signed["certificates"]) else []
     cert = next((c for c in certs if identifies(si["sid"], c)), None)
     if cert is None:
         raise MalformedCms("the signer's certificate is not in the message")
@@ -126,7 +126,7 @@ def verify_signed_data(der: bytes, content: bytes | None = None, *, trust: Trust
     digest_name = str(si["digest_algorithm"]["algorithm"].native)
     sig_name = str(si["signature_algorithm"]["algorithm"].native)
     attrs = si["signed_attrs"]
-    has_attrs = attrs.native is not None
+    has_attrs = present(attrs)
     attr_values = {a["type"].native: a["values"] for a in attrs} if has_attrs else {}
     signing_time = attr_values["signing_time"][0].native if "signing_time" in attr_values else None
     checks: list[Check] = []
