@@ -141,6 +141,10 @@ class CardSession:
     async def decipher(self, cryptogram: bytes) -> bytes:
         return await self._run("decipher", functools.partial(self._key_operation, "decipher", cryptogram))
 
+    async def authenticate(self, digest_info: bytes) -> bytes:
+        """Raw PKCS#1 v1.5 signature of a DigestInfo with the authentication key 0x82 (TLS client auth)."""
+        return await self._run("authenticate", functools.partial(self._key_operation, "authenticate", digest_info))
+
     async def close(self, *, reset: bool = True) -> None:
         """Disconnect and stop the thread. `reset` powers the card off, which forgets the PIN.
 
@@ -255,7 +259,7 @@ class CardSession:
         log.info("card %s unlocked", self.reader)
         return tries
 
-    def _key_operation(self, kind: Literal["sign", "decipher"], data: bytes) -> bytes:
+    def _key_operation(self, kind: Literal["sign", "decipher", "authenticate"], data: bytes) -> bytes:
         self._ensure_connected()
         status = self._status
         certificate = status.sign_certificate if kind == "sign" else status.auth_certificate
@@ -265,6 +269,8 @@ class CardSession:
         def run(cps: Cps3Card) -> bytes:
             if kind == "sign":
                 return cps.sign_sha256(data, key_size=key_size)
+            if kind == "authenticate":
+                return cps.internal_authenticate(data, key_size=key_size)
             return cps.decipher(data)
 
         try:

@@ -8,6 +8,7 @@ the card works, and CMS made with the card checked by `openssl cms` (and the rev
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for pcsc_support
 
@@ -127,6 +128,16 @@ async def test_decipher_unwraps_a_key(session: CardSession) -> None:
     assert isinstance(public, rsa.RSAPublicKey)
     key = bytes(range(32))
     assert await decrypter.decrypt_key(public.encrypt(key, padding.PKCS1v15())) == key
+
+
+async def test_internal_authenticate_with_the_auth_key(session: CardSession) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    digest = hashlib.sha256(b"TLS CertificateVerify").digest()
+    signature = await session.authenticate(bytes.fromhex("3031300d060960864801650304020105000420") + digest)
+    public = session.decrypter().certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
 async def test_wrong_pin_decrements_the_counter(session: CardSession) -> None:
