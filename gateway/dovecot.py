@@ -152,11 +152,20 @@ class DovecotSupervisor:
         write_private(self.conf_path, render_config(self.cfg, backend_port=self._backend_port))
         write_private(mb.base_dir / SQL_CONF_NAME, render_sql_config(self.cfg))
         await self._reap_stale_instance()
-        self._relay = await asyncio.start_server(self._relay_connection, mb.imap.host, mb.imap.port)
+        try:
+            self._relay = await asyncio.start_server(self._relay_connection, mb.imap.host, mb.imap.port)
+        except OSError as exc:
+            raise DovecotError(f"cannot listen for IMAP on {mb.imap.host}:{mb.imap.port}: {exc.strerror or exc}"
+                               " (mailboxes.imap)") from None
         sock = self._relay.sockets[0].getsockname()
         self._imap_address = (str(sock[0]), int(sock[1]))
         self._stopping = False
-        await self._spawn()
+        try:
+            await self._spawn()
+        except OSError as exc:
+            self._relay.close()
+            raise DovecotError(f"cannot run {mb.binary}: {exc.strerror or exc}; install Dovecot with: apt-get install "
+                               "dovecot-imapd dovecot-lmtpd dovecot-sqlite dovecot-pgsql (mailboxes.binary)") from None
         self._monitor = asyncio.create_task(self._supervise(), name="dovecot-supervisor")
         log.info("Dovecot %s starting (IMAP on %s:%d, LMTP on %s)", instance_name(self.cfg), *self._imap_address,
                  mb.lmtp_endpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import imaplib
 import os
 import re
@@ -23,7 +24,7 @@ import psycopg
 import pytest
 
 from gateway import lmtp
-from gateway.dovecot import DovecotStartError, MailDirUnreachable
+from gateway.dovecot import DovecotError, DovecotStartError, MailDirUnreachable
 
 pytestmark = pytest.mark.dovecot
 
@@ -284,8 +285,6 @@ def test_unreachable_mail_dir_is_named(dovecot_kit: Any) -> None:
         locked = root / "locked"
         locked.mkdir(mode=0o700)
         cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, mailboxes=dataclasses.replace(cfg.mailboxes, mail_dir=locked / "mail"))
         with pytest.raises(MailDirUnreachable) as info:
             dovecot_kit.start(cfg, root, ACCOUNTS)
@@ -298,8 +297,6 @@ def test_start_failure_is_reported(dovecot_kit: Any) -> None:
     root = dovecot_kit.new_root()
     try:
         cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
-        import dataclasses
-
         bad_tls = dataclasses.replace(cfg.tls, key=root / "missing.key")
         with pytest.raises(DovecotStartError) as info:
             dovecot_kit.start(dataclasses.replace(cfg, tls=bad_tls), root, ACCOUNTS)
@@ -429,4 +426,20 @@ def test_a_dovecot_left_by_a_killed_gateway_is_replaced(dovecot_kit: Any) -> Non
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_start_errors_name_the_setting(dovecot_kit: Any) -> None:
+    root = dovecot_kit.new_root()
+    try:
+        cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
+        no_binary = dataclasses.replace(cfg, mailboxes=dataclasses.replace(cfg.mailboxes, binary=root / "no-dovecot"))
+        with pytest.raises(DovecotError, match=r"no-dovecot.*apt-get install.*mailboxes.binary"):
+            dovecot_kit.start(no_binary, root, ACCOUNTS)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", cfg.mailboxes.imap.port))
+            taken.listen()
+            with pytest.raises(DovecotError, match=r"cannot listen for IMAP on 127.0.0.1:\d+.*mailboxes.imap"):
+                dovecot_kit.start(cfg, root, ACCOUNTS)
+    finally:
         shutil.rmtree(root, ignore_errors=True)
