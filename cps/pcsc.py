@@ -91,16 +91,22 @@ class PcscCard:
         if not state & _SCARD_PRESENT:
             raise CardRemoved(self.reader)
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def begin_transaction(self) -> None:
         """Exclusive use of the card for a sequence of APDUs (SCardBeginTransaction)."""
         _check("SCardBeginTransaction", scard.SCardBeginTransaction(self._handle), self.reader)
+
+    def end_transaction(self) -> None:
+        hresult = scard.SCardEndTransaction(self._handle, scard.SCARD_LEAVE_CARD)
+        if _u32(hresult) not in (scard.SCARD_S_SUCCESS, *_REMOVED):
+            log.warning("SCardEndTransaction on %s: %s", self.reader, scard.SCardGetErrorMessage(hresult))
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.begin_transaction()
         try:
             yield
         finally:
-            hresult = scard.SCardEndTransaction(self._handle, scard.SCARD_LEAVE_CARD)
-            if _u32(hresult) not in (scard.SCARD_S_SUCCESS, *_REMOVED):
-                log.warning("SCardEndTransaction on %s: %s", self.reader, scard.SCardGetErrorMessage(hresult))
+            self.end_transaction()
 
     def disconnect(self, *, reset: bool) -> None:
         """Release the card. `reset=True` powers it off, which forgets a presented PIN."""

@@ -200,23 +200,40 @@ class CardSession:
         self._card = self._cps = None
         self._status = CardStatus(reader=self.reader, present=False)
 
-    def _guarded(self, func: Callable[[Cps3Card], T]) -> T:
-        """Run `func` in a PC/SC transaction; a removed card is forgotten (its PIN state is gone)."""
+    def _begin(self) -> tuple[Cps3Card, PcscCard]:
+        """The connected card, in a begun transaction. A card removed and reinserted since the last
+        operation (no APDU lost) is reconnected once, transparently; its PIN state is gone all the same."""
         cps = self._ensure_connected()
         assert self._card is not None
         try:
-            with self._card.transaction():
-                result = func(cps)
+            self._card.begin_transaction()
         except CardRemoved:
-            log.warning("card %s removed or reset: PIN needed again", self.reader)
+            log.warning("card %s was removed or reset since the last operation: PIN needed again", self.reader)
+            self._forget()
+            cps = self._ensure_connected()
+            assert self._card is not None
+            self._card.begin_transaction()
+        return cps, self._card
+
+    def _guarded(self, func: Callable[[Cps3Card], T]) -> T:
+        """Run `func` in a PC/SC transaction; a card removed meanwhile is forgotten (its PIN state is gone)."""
+        try:
+            cps, card = self._begin()
+        except PcscError:
+            self._drop_context()
+            raise
+        try:
+            return func(cps)
+        except CardRemoved:
+            log.warning("card %s removed or reset during an operation: PIN needed again", self.reader)
             self._forget()
             raise
         except PcscError:
             self._drop_context()
             raise
         finally:
+            card.end_transaction()
             self.round_trips = cps.channel.round_trips
-        return result
 
     def _drop_context(self) -> None:
         """pcscd went away (restart, crash): forget the handle and the context; the next call starts afresh."""

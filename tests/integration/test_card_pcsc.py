@@ -186,6 +186,17 @@ async def test_removal_during_a_signature_then_reinsertion(session: CardSession,
     public.verify(signature, b"after reinsertion", padding.PKCS1v15(), hashes.SHA256())
 
 
+async def test_card_swapped_between_operations_asks_for_the_pin(session: CardSession, stack: PcscStack) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    await asyncio.to_thread(stack.remove)
+    await asyncio.to_thread(stack.insert)
+    with pytest.raises(PinRequired):
+        await session.signer().sign(b"after a swap")
+    status = await session.status()
+    assert status.present and not status.unlocked
+
+
 async def test_slow_card_times_out_then_serves_the_next_operation(stack: PcscStack) -> None:
     session = CardSession(stack.reader, timeout=0.5)
     try:
