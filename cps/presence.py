@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from cps.errors import CardError
+from cps.errors import CardError, PcscError
 from cps.pcsc import PcscContext
 
 log = logging.getLogger(__name__)
+
+_UNKNOWN_READER = 0x80100009  # SCARD_E_UNKNOWN_READER
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,15 @@ class PresenceMonitor:
                 if not known:
                     self._stop.wait(self._poll)
                     continue
-                for state in self._context.wait_for_change(known, self._poll):
+                try:
+                    states = self._context.wait_for_change(known, self._poll)
+                except PcscError as exc:
+                    if exc.code != _UNKNOWN_READER:
+                        raise
+                    known.clear()  # a reader was unplugged: list them again after a pause
+                    self._stop.wait(self._poll)
+                    continue
+                for state in states:
                     known[state.name] = state.event
                     if present.get(state.name) != state.present:
                         present[state.name] = state.present
