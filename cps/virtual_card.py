@@ -8,8 +8,8 @@ longer payload is a C-APDU, answered with length + R-APDU.
 vpcd listens and the card connects to it. vpcd's listening socket is bound to every interface
 (vsmartcard 3.3 has no option for an address, and its "reversed" mode, where the card would
 listen, aborts pcscd as soon as a slot has no card). So pcscd is started in a network namespace
-of its own that holds only a loopback interface (`unshare --net`, see tests/pcsc_support.py and
-the Makefile), and the card joins that namespace (`nsenter --net`). Clients still reach pcscd
+of its own that holds only a loopback interface (`unshare --net`, see cps/devstack.py), and the
+card joins that namespace (`nsenter --net`). Clients still reach pcscd
 through its Unix socket in the filesystem, which namespaces do not separate. The card itself
 only ever connects to 127.0.0.1.
 
