@@ -110,6 +110,7 @@ class DovecotSupervisor:
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
         self._relay: asyncio.Server | None = None
         self._relayed: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
@@ -211,7 +212,19 @@ class DovecotSupervisor:
                 proc.kill()
                 await proc.wait()
             log.info("Dovecot stopped (status %s)", proc.returncode)
+        await self._end_pump()
         self._ready.clear()
+
+    async def _end_pump(self) -> None:
+        """Let the log pump read Dovecot's last lines; its children share the pipe, so bound the wait for EOF."""
+        if self._pump is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pump), self.stop_timeout)
+        except TimeoutError:
+            self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+        self._pump = None
 
     async def _spawn(self) -> None:
         self._ready.clear()
@@ -227,12 +240,14 @@ class DovecotSupervisor:
             proc = self._proc
             assert proc is not None
             started = time.monotonic()
-            pump = asyncio.create_task(self._pump_log(proc))
+            self._pump = asyncio.create_task(self._pump_log(proc))
             probe = asyncio.create_task(self._probe_until_ready(proc))
-            code = await proc.wait()
-            probe.cancel()
-            await asyncio.gather(probe, return_exceptions=True)
-            await asyncio.gather(pump, return_exceptions=True)
+            try:
+                code = await proc.wait()
+            finally:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+            await self._end_pump()
             self._ready.clear()
             if self._stopping:
                 return
