@@ -25,6 +25,7 @@ from cps.errors import (
 )
 from cps.sha256 import partial_hash
 from cps.virtual_os import CPS3_ATR, CardFiles, VirtualCpsOs
+from cps.worker import CardStatus
 
 SELECT_APP = "00A4040C0D" + IAS_AID.hex()
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -222,3 +223,11 @@ class _Direct:
 
     def transmit(self, apdu: bytes) -> bytes:
         return self.card.process(apdu)
+
+
+def test_status_names_the_holder_and_rpps(card_files: CardFiles) -> None:
+    status = CardStatus(reader="r", present=True,
+                        sign_certificate=x509.load_der_x509_certificate(card_files.sign_cert_der))
+    assert status.rpps == "10001234567"
+    assert status.holder == "Jeanne EXEMPLE"
+    assert CardStatus(reader="r", present=False).rpps is None
