@@ -94,3 +94,14 @@ async def test_wrong_key_size_for_cipher(paul_auth):
     info["content"]["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"] = "aes256_cbc"
     with pytest.raises(DecryptionFailed, match="needs 32"):
         await decrypt_content(info.dump(force=True), paul_auth)
+
+
+async def test_large_message_goes_through_the_worker_thread(jeanne_sign, jeanne_auth, paul_auth, trust, message):
+    """Above OFFLOAD_BYTES the CPU-bound steps run in a thread; the result must be the same."""
+    from smime.message import OFFLOAD_BYTES
+    big = message + b"Ligne de compte rendu, assez longue pour remplir la page.\r\n" * (OFFLOAD_BYTES // 50)
+    sealed = await sign_and_encrypt(big, jeanne_sign, [paul_auth.certificate], chain=jeanne_sign.chain,
+                                    sender_encryption_certificate=jeanne_auth.certificate)
+    assert len(sealed) > OFFLOAD_BYTES
+    opened = await open_message(sealed, decrypter=paul_auth, trust=trust)
+    assert opened.reports[0].valid and opened.message == big
