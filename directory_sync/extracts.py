@@ -217,31 +217,43 @@ class ExtractReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def rows(self, progress: Callable[[int], None] | None = None, every: int = 50_000) -> Iterator[tuple[int, list[str]]]:
-        """(line number, fields) for each well-formed line; fields are stripped of the trailing `|`."""
-        width = self.width
+    def lines(self, progress: Callable[[int], None] | None = None, every: int = 50_000) -> Iterator[tuple[int, bytes]]:
+        """(line number, raw bytes without the line end) of each non-blank line after the header."""
         stats = self.stats
         line_no = 1
         for raw in self._stream:
             line_no += 1
             stats.bytes_read += len(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                stats.reject(line_no, f"not UTF-8 at byte {exc.start}")
-                continue
-            text = text.rstrip("\r\n")
-            if not text.strip():
-                continue
-            fields = text.split(SEPARATOR)
-            n = len(fields)
-            if n != width:
-                if n == width + 1 and fields[-1] == "":
-                    fields.pop()
-                else:
-                    stats.reject(line_no, f"{n} fields where the header has {width}")
-                    continue
-            stats.rows += 1
-            if progress is not None and stats.rows % every == 0:
+            if progress is not None and line_no % every == 0:
                 progress(stats.bytes_read)
-            yield line_no, fields
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield line_no, raw
+
+    def parse(self, line_no: int, raw: bytes) -> list[str] | None:
+        """The fields of one line (the trailing `|` dropped), or None after counting it as malformed."""
+        stats = self.stats
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            stats.reject(line_no, f"not UTF-8 at byte {exc.start}")
+            return None
+        fields = text.split(SEPARATOR)
+        n = len(fields)
+        width = self.width
+        if n != width:
+            if n == width + 1 and fields[-1] == "":
+                fields.pop()
+            else:
+                stats.reject(line_no, f"{n} fields where the header has {width}")
+                return None
+        stats.rows += 1
+        return fields
+
+    def rows(self, progress: Callable[[int], None] | None = None, every: int = 50_000) -> Iterator[tuple[int, list[str]]]:
+        """(line number, fields) for each well-formed line."""
+        parse = self.parse
+        for line_no, raw in self.lines(progress, every):
+            fields = parse(line_no, raw)
+            if fields is not None:
+                yield line_no, fields

@@ -26,8 +26,9 @@ import httpx
 from sqlalchemy import Connection, Engine, and_, delete, insert, or_
 
 from directory_sync.errors import FhirError
+from directory_sync.extracts import ExtractKind
 from directory_sync.mapping import address_key, content_digest, hash64
-from directory_sync.models import Mailbox, SyncRun
+from directory_sync.models import Mailbox, SyncRun, extract_line
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +331,17 @@ async def sync_fhir(
 
 
 def _apply_page(engine: Engine, owners: list[FhirOwner], report: FhirReport) -> None:
+    """Apply one page in one transaction.
+
+    The mailboxes no longer match the last applied MSSanté extract line for line, so its
+    line snapshot is dropped: the next extract import compares every key (sync.py).
+    """
     with engine.begin() as conn:
+        before = report.upserted + report.closed_mailboxes
         for owner in owners:
             _apply(conn, owner, report)
+        if report.upserted + report.closed_mailboxes != before:
+            conn.execute(extract_line.delete().where(extract_line.c.kind == ExtractKind.MSSANTE.value))
 
 
 def _record(engine: Engine, report: FhirReport, started: dt.datetime, status: str, message: str | None,

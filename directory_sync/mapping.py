@@ -107,6 +107,12 @@ class BoundEntity:
         self._constants = tuple(v for _, v in spec.constants)
         self._field_names = tuple(c for c, _ in spec.fields)
 
+    def raw_key(self, row: list[str]) -> str | None:
+        """The key as it stands in the row when it needs no normalising (None otherwise)."""
+        if self._key_pos is None or self.spec.normalise_key is not None:
+            return None
+        return row[self._key_pos].strip() or None
+
     def extract(self, row: list[str]) -> tuple[str, int, tuple[Any, ...]] | None:
         """(key, row_hash, insert parameters) or None when the row has no such entity.
 

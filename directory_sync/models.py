@@ -13,11 +13,14 @@ import datetime as dt
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Column,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -257,3 +260,17 @@ class SyncRun(Base):
     deleted: Mapped[int] = mapped_column(Integer, default=0)
     message: Mapped[str | None] = mapped_column(Text)
 
+
+
+extract_line = Table(
+    "dir_extract_line",
+    Base.metadata,
+    Column("kind", String(40), nullable=False),
+    Column("line_hash", BigInteger, nullable=False),
+    Column("key0", String(320)),
+    Column("key1", String(320)),
+    Column("key2", String(320)),
+    Index("ix_dir_extract_line_kind_hash", "kind", "line_hash"),
+    comment="The lines of the last extract applied, per kind: a 64-bit hash and the keys each line fed. "
+            "A re-import parses only the lines whose hash is new.",
+)

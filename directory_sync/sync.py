@@ -3,21 +3,29 @@
 Why this shape:
 - A reader must never see a half-synced directory, so each file is applied in one
   transaction (SQLite in WAL mode keeps serving the previous snapshot meanwhile).
-- Memory stays bounded whatever the file size: rows stream through in batches, and the
-  difference is computed by the database, not in Python. Pass 1 loads (key, content hash,
-  line number) into a temporary table; SQL finds the new and changed keys and the keys that
-  disappeared; pass 2 re-reads the file and upserts only the changed lines. Importing the
-  same file again therefore writes nothing and says so.
-- Into an empty table there is nothing to compare: a single pass inserts directly.
+- Memory stays bounded whatever the file size: rows stream through in batches and the
+  database computes the differences.
+- Into empty tables there is nothing to compare: one pass inserts, and the secondary
+  indexes are built once at the end.
+- The daily file differs from yesterday's in a few lines, so a re-import works by line: the
+  hash of every applied line is kept (`dir_extract_line`, with the keys the line fed); a
+  re-import hashes each raw line, parses only the lines whose hash is new, and derives the
+  deletions from the lines that disappeared (a key goes only when no remaining line feeds
+  it). Importing the same file again therefore writes nothing and says so.
+- Without that snapshot (first sync after an upgrade, after a FHIR increment touched the
+  tables, or `full_compare`), every line's keys and content hashes are compared in SQL.
 - A truncated download must not wipe the directory: the deletion brake refuses a run that
   would delete more than `max_delete_share` (default 10 %) of a table unless forced.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import hashlib
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +43,19 @@ from directory_sync.extracts import (
     sources,
 )
 from directory_sync.mapping import SPECS, BoundEntity, RowRejected
-from directory_sync.models import SyncRun
+from directory_sync.models import SyncRun, extract_line
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELETE_SHARE = 0.10
 BATCH = 5000
 CHUNK = 20_000
+MAX_KEYS = 3
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, bytes done, bytes total)."""
+
+Keys = tuple[str | None, ...]
 
 
 @dataclass(slots=True)
@@ -66,6 +77,7 @@ class SyncReport:
 
     source: str
     kind: ExtractKind
+    method: str = ""
     rows_read: int = 0
     malformed_count: int = 0
     malformed: list[MalformedRow] = field(default_factory=list)
@@ -92,6 +104,7 @@ def import_paths(
     *,
     max_delete_share: float = DEFAULT_MAX_DELETE_SHARE,
     force: bool = False,
+    full_compare: bool = False,
     progress: Progress | None = None,
 ) -> list[SyncReport]:
     """Sync every extract found in `paths` (plain files or ZIPs); one transaction per extract."""
@@ -99,7 +112,7 @@ def import_paths(
     for path in paths:
         for source in sources(path):
             reports.append(sync_source(engine, source, max_delete_share=max_delete_share, force=force,
-                                       progress=progress))
+                                       full_compare=full_compare, progress=progress))
     return reports
 
 
@@ -109,6 +122,7 @@ def sync_source(
     *,
     max_delete_share: float = DEFAULT_MAX_DELETE_SHARE,
     force: bool = False,
+    full_compare: bool = False,
     progress: Progress | None = None,
 ) -> SyncReport:
     """Bring the tables an extract feeds to exactly its content, in one transaction."""
@@ -117,14 +131,21 @@ def sync_source(
     with ExtractReader(source) as reader:
         report = SyncReport(source=source.name, kind=reader.kind, forced=force)
         entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
+        run = _Run(reader, source, entities, report, progress, max_delete_share, force)
         try:
             with engine.begin() as conn:
-                before = {e.spec.name: _count(conn, e.table) for e in entities}
-                report.tables = [TableChange(e.spec.name, before[e.spec.name]) for e in entities]
-                if all(n == 0 for n in before.values()):
-                    _bulk_load(conn, reader, entities, report, progress)
+                before = [_count(conn, e.table) for e in entities]
+                report.tables = [TableChange(e.spec.name, n) for e, n in zip(entities, before, strict=True)]
+                snapshot = _snapshot_size(conn, reader.kind)
+                if all(n == 0 for n in before):
+                    report.method = "load"
+                    run.bulk_load(conn)
+                elif snapshot and not full_compare:
+                    report.method = "lines"
+                    run.line_diff(conn)
                 else:
-                    _diff_load(conn, reader, source, entities, report, progress, max_delete_share, force)
+                    report.method = "compare"
+                    run.full_diff(conn)
                 _collect(report, reader.stats)
                 report.seconds = time.perf_counter() - t0
                 report.run_id = _record(conn, report, started, "ok" if report.changed else "unchanged", None)
@@ -141,8 +162,320 @@ def sync_source(
             with engine.begin() as conn:
                 _record(conn, report, started, "failed", f"{type(exc).__name__}: {exc}")
             raise
-    log.info("%s", report.summary())
+    log.info("%s (%s)", report.summary(), report.method)
     return report
+
+
+def line_hash(raw: bytes) -> int:
+    """64-bit hash of one raw line (without its line end): the unit a re-import compares."""
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+
+
+class _SeenKeys:
+    """Keys already sent in this run, so a structure shared by many lines is extracted once.
+
+    Bounded: past MAX keys it forgets everything and starts again; ON CONFLICT DO NOTHING in
+    the database stays the real guarantee (first line wins), this only saves work.
+    """
+
+    MAX = 600_000
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._last: str | None = None
+
+    def has(self, key: str | None) -> bool:
+        return key is not None and (key == self._last or key in self._keys)
+
+    def add(self, key: str) -> None:
+        self._last = key
+        if len(self._keys) >= self.MAX:
+            self._keys.clear()
+        self._keys.add(key)
+
+
+class _Batches:
+    """Rows for one SQL statement, sent by executemany every BATCH rows."""
+
+    def __init__(self, conn: Connection, sql: str) -> None:
+        self.conn = conn
+        self.sql = sql
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.conn.exec_driver_sql(self.sql, self.rows)  # type: ignore[arg-type]
+            self.rows = []
+
+
+class _Run:
+    """One sync of one extract: the three strategies share the row handling below."""
+
+    def __init__(
+        self, reader: ExtractReader, source: ExtractSource, entities: list[BoundEntity], report: SyncReport,
+        progress: Progress | None, max_delete_share: float, force: bool,
+    ) -> None:
+        self.reader = reader
+        self.source = source
+        self.entities = entities
+        self.report = report
+        self.progress = progress
+        self.max_delete_share = max_delete_share
+        self.force = force
+        self.kind = reader.kind.value
+
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    def _lines(self, reader: ExtractReader, phase: str) -> Iterator[tuple[int, bytes]]:
+        total = reader.source.size
+        progress = self.progress
+        callback = None if progress is None else (lambda done: progress(phase, done, total))
+        yield from reader.lines(callback)
+
+    def _done(self, phase: str) -> None:
+        if self.progress is not None:
+            self.progress(phase, self.source.size, self.source.size)
+
+    def _snapshot_writer(self, conn: Connection) -> _Batches:
+        cols = "kind, line_hash, key0, key1, key2"
+        return _Batches(conn, f"INSERT INTO {extract_line.name} ({cols}) VALUES ({_marks(conn, 5)})")
+
+    def _extract(self, line_no: int, fields: list[str], seen: list[_SeenKeys] | None) -> list[Any] | None:
+        """Each entity's (key, hash, params), a bare key when `seen` skipped it, or None."""
+        out: list[Any] = []
+        try:
+            for i, e in enumerate(self.entities):
+                if seen is not None:
+                    raw = e.raw_key(fields)
+                    if seen[i].has(raw):
+                        out.append(raw)
+                        continue
+                item = e.extract(fields)
+                if item is not None and seen is not None:
+                    seen[i].add(item[0])
+                out.append(item)
+        except RowRejected as exc:
+            self.reader.stats.rows -= 1
+            self.reader.stats.reject(line_no, exc.reason)
+            return None
+        return out
+
+    @staticmethod
+    def _keys(extracted: list[Any]) -> tuple[Any, ...]:
+        keys = [x if isinstance(x, str) or x is None else x[0] for x in extracted]
+        return (*keys, *([None] * (MAX_KEYS - len(keys))))
+
+    def _check_brake(self) -> None:
+        for change, e in zip(self.report.tables, self.entities, strict=True):
+            if not self.force and change.before and change.deleted > self.max_delete_share * change.before:
+                raise DeletionBrake(e.table.name, change.deleted, change.before, self.max_delete_share)
+
+    # -- into empty tables -------------------------------------------------------------------------
+
+    def bulk_load(self, conn: Connection) -> None:
+        """Insert as we read; secondary indexes are dropped and built once at the end."""
+        conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
+        inserts = [_Batches(conn, _insert_sql(conn, e, update=False)) for e in self.entities]
+        snapshot = self._snapshot_writer(conn)
+        seen = [_SeenKeys() for _ in self.entities]
+        dropped = [idx for e in self.entities for idx in e.table.indexes]
+        for idx in dropped:
+            idx.drop(conn)
+        reader = self.reader
+        for line_no, raw in self._lines(reader, "load"):
+            fields = reader.parse(line_no, raw)
+            if fields is None:
+                continue
+            extracted = self._extract(line_no, fields, seen)
+            if extracted is None:
+                continue
+            for batch, item in zip(inserts, extracted, strict=True):
+                if item is not None and not isinstance(item, str):
+                    batch.add(item[2])
+            snapshot.add((self.kind, line_hash(raw), *self._keys(extracted)))
+        for batch in (*inserts, snapshot):
+            batch.flush()
+        for idx in dropped:
+            idx.create(conn)
+        self._done("load")
+        for change, e in zip(self.report.tables, self.entities, strict=True):
+            change.inserted = _count(conn, e.table)
+
+    # -- by line, against the snapshot of the last applied file --------------------------------------
+
+    def line_diff(self, conn: Connection) -> None:
+        prev = _load_hashes(conn, self.kind)
+        present = bytearray(len(prev))
+        n = len(prev)
+        stage = self._create_stage(conn)
+        snapshot = self._snapshot_writer(conn)
+        reader = self.reader
+        stats = reader.stats
+        for line_no, raw in self._lines(reader, "compare"):
+            h = line_hash(raw)
+            i = bisect.bisect_left(prev, h)
+            if i < n and prev[i] == h:
+                while i < n and prev[i] == h:
+                    present[i] = 1
+                    i += 1
+                stats.rows += 1
+                continue
+            fields = reader.parse(line_no, raw)
+            if fields is None:
+                continue
+            extracted = self._extract(line_no, fields, None)
+            if extracted is None:
+                continue
+            for batch, item in zip(stage, extracted, strict=True):
+                if item is not None:
+                    batch.add((item[0], item[1], line_no))
+            snapshot.add((self.kind, h, *self._keys(extracted)))
+        for batch in stage:
+            batch.flush()
+        self._done("compare")
+
+        # Lines that disappeared: the keys they fed are candidates for deletion.
+        removed = _Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({_marks(conn, 1)})")
+        for h, seen_now in zip(prev, present):
+            if not seen_now:
+                removed.add((h,))
+        removed.flush()
+        del prev, present
+        kind_param = (self.kind,)
+        candidates: list[set[str]] = []
+        for i in range(len(self.entities)):
+            rows = conn.exec_driver_sql(
+                f"SELECT DISTINCT l.key{i} FROM {extract_line.name} l JOIN dir_stage_removed r "
+                f"ON r.h = l.line_hash WHERE l.kind = {_marks(conn, 1)} AND l.key{i} IS NOT NULL", kind_param).all()
+            candidates.append({r[0] for r in rows})
+        conn.exec_driver_sql(
+            f"DELETE FROM {extract_line.name} WHERE kind = {_marks(conn, 1)} "
+            f"AND line_hash IN (SELECT h FROM dir_stage_removed)", kind_param)
+        snapshot.flush()
+
+        # A candidate goes only if no line of the new file (unchanged or new) still feeds it.
+        gone: list[set[str]] = []
+        cross = "CROSS JOIN" if conn.dialect.name == "sqlite" else "JOIN"
+        on = "WHERE" if cross == "CROSS JOIN" else "ON"
+        for i, cand in enumerate(candidates):
+            if not cand:
+                gone.append(set())
+                continue
+            conn.exec_driver_sql("DELETE FROM dir_stage_cand")
+            batch = _Batches(conn, f"INSERT INTO dir_stage_cand (k) VALUES ({_marks(conn, 1)})")
+            for k in cand:
+                batch.add((k,))
+            batch.flush()
+            kept = conn.exec_driver_sql(
+                f"SELECT DISTINCT c.k FROM {extract_line.name} l {cross} dir_stage_cand c "
+                f"{on} c.k = l.key{i} {'AND' if on == 'WHERE' else 'WHERE'} l.kind = {_marks(conn, 1)}",
+                kind_param).all()
+            gone.append(cand - {r[0] for r in kept})
+        for change, g in zip(self.report.tables, gone, strict=True):
+            change.deleted = len(g)
+        self._check_brake()
+        for e, g in zip(self.entities, gone, strict=True):
+            if g:
+                delete = _Batches(conn, f"DELETE FROM {e.table.name} WHERE {e.spec.key_column} = {_marks(conn, 1)}")
+                for k in g:
+                    delete.add((k,))
+                delete.flush()
+        self._apply_staged(conn)
+
+    # -- every key compared in SQL (no usable snapshot) ----------------------------------------------
+
+    def full_diff(self, conn: Connection) -> None:
+        conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
+        stage = self._create_stage(conn)
+        snapshot = self._snapshot_writer(conn)
+        seen = [_SeenKeys() for _ in self.entities]
+        reader = self.reader
+        for line_no, raw in self._lines(reader, "compare"):
+            fields = reader.parse(line_no, raw)
+            if fields is None:
+                continue
+            extracted = self._extract(line_no, fields, seen)
+            if extracted is None:
+                continue
+            for batch, item in zip(stage, extracted, strict=True):
+                if item is not None and not isinstance(item, str):
+                    batch.add((item[0], item[1], line_no))
+            snapshot.add((self.kind, line_hash(raw), *self._keys(extracted)))
+        for batch in (*stage, snapshot):
+            batch.flush()
+        self._done("compare")
+        for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
+            table, key = e.table.name, e.spec.key_column
+            gone = f"NOT EXISTS (SELECT 1 FROM dir_stage_{i} s WHERE s.k = {table}.{key})"
+            change.deleted = int(conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {gone}").scalar_one())
+        self._check_brake()
+        for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
+            if change.deleted:
+                table, key = e.table.name, e.spec.key_column
+                conn.exec_driver_sql(
+                    f"DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM dir_stage_{i} s WHERE s.k = {table}.{key})")
+        self._apply_staged(conn)
+
+    # -- staging and the second pass ------------------------------------------------------------------
+
+    def _create_stage(self, conn: Connection) -> list[_Batches]:
+        pg = conn.dialect.name == "postgresql"
+        suffix = " ON COMMIT DROP" if pg else ""
+        names = [f"dir_stage_{i}" for i in range(len(self.entities))]
+        for name in [*names, "dir_stage_changed", "dir_stage_removed", "dir_stage_cand"]:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        for name in names:
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} (k VARCHAR(320) PRIMARY KEY, h BIGINT NOT NULL, "
+                                 f"line INTEGER NOT NULL){suffix}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_changed (line INTEGER NOT NULL, ent INTEGER NOT NULL, "
+                             f"is_new INTEGER NOT NULL){suffix}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_removed (h BIGINT NOT NULL){suffix}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_cand (k VARCHAR(320) PRIMARY KEY){suffix}")
+        return [_Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({_marks(conn, 3)}) ON CONFLICT (k) DO NOTHING")
+                for n in names]
+
+    def _apply_staged(self, conn: Connection) -> None:
+        """Find the staged keys that are new or whose content changed; upsert them from the file."""
+        for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
+            table, key = e.table.name, e.spec.key_column
+            conn.exec_driver_sql(
+                f"INSERT INTO dir_stage_changed (line, ent, is_new) "
+                f"SELECT s.line, {i}, CASE WHEN t.{key} IS NULL THEN 1 ELSE 0 END "
+                f"FROM dir_stage_{i} s LEFT JOIN {table} t ON t.{key} = s.k "
+                f"WHERE t.{key} IS NULL OR t.row_hash <> s.h")
+            counts: dict[int, int] = dict(conn.exec_driver_sql(
+                f"SELECT is_new, count(*) FROM dir_stage_changed WHERE ent = {i} GROUP BY is_new").all())
+            change.inserted = int(counts.get(1, 0))
+            change.updated = int(counts.get(0, 0))
+        if not any(c.inserted or c.updated for c in self.report.tables):
+            return
+        conn.exec_driver_sql("CREATE INDEX dir_stage_changed_line ON dir_stage_changed (line)")
+        upserts = [_Batches(conn, _insert_sql(conn, e, update=True)) for e in self.entities]
+        wanted = _changed_lines(conn)
+        pending = next(wanted, None)
+        with ExtractReader(self.source) as again:
+            for line_no, raw in self._lines(again, "apply"):
+                while pending is not None and pending[0] < line_no:
+                    pending = next(wanted, None)
+                if pending is None:
+                    break
+                if pending[0] != line_no:
+                    continue
+                fields = again.parse(line_no, raw)
+                if fields is None:
+                    continue
+                for ent in pending[1]:
+                    item = self.entities[ent].extract(fields)
+                    if item is not None:
+                        upserts[ent].add(item[2])
+            for batch in upserts:
+                batch.flush()
+            self._done("apply")
 
 
 def _collect(report: SyncReport, stats: ReadStats) -> None:
@@ -155,7 +488,23 @@ def _count(conn: Connection, table: Table) -> int:
     return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def _placeholders(conn: Connection, n: int) -> str:
+def _snapshot_size(conn: Connection, kind: ExtractKind) -> int:
+    query = select(func.count()).select_from(extract_line).where(extract_line.c.kind == kind.value)
+    return int(conn.execute(query).scalar_one())
+
+
+def _load_hashes(conn: Connection, kind: str) -> array[int]:
+    """The sorted line hashes of the last applied file: 8 bytes each (20 MB for 2.5 M lines)."""
+    hashes: array[int] = array("q")
+    query = (select(extract_line.c.line_hash).where(extract_line.c.kind == kind).order_by(extract_line.c.line_hash)
+             .execution_options(stream_results=True, yield_per=CHUNK))
+    result = conn.execute(query)
+    for part in result.partitions(CHUNK):
+        hashes.extend(r[0] for r in part)
+    return hashes
+
+
+def _marks(conn: Connection, n: int) -> str:
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     return ", ".join([mark] * n)
 
@@ -163,142 +512,11 @@ def _placeholders(conn: Connection, n: int) -> str:
 def _insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
     cols = entity.spec.columns
     key = entity.spec.key_column
-    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({_placeholders(conn, len(cols))}) "
+    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({_marks(conn, len(cols))}) "
     if not update:
         return sql + f"ON CONFLICT ({key}) DO NOTHING"
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key)
     return sql + f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
-
-
-def _rows(reader: ExtractReader, progress: Progress | None, phase: str) -> Iterator[tuple[int, list[str]]]:
-    total = reader.source.size
-    callback = None if progress is None else (lambda done: progress(phase, done, total))
-    yield from reader.rows(callback)
-
-
-def _done(reader: ExtractReader, progress: Progress | None, phase: str) -> None:
-    if progress is not None:
-        progress(phase, reader.source.size, reader.source.size)
-
-
-def _bulk_load(
-    conn: Connection, reader: ExtractReader, entities: list[BoundEntity], report: SyncReport,
-    progress: Progress | None,
-) -> None:
-    sqls = [_insert_sql(conn, e, update=False) for e in entities]
-    batches: list[list[tuple[Any, ...]]] = [[] for _ in entities]
-    stats = reader.stats
-    for line_no, row in _rows(reader, progress, "load"):
-        try:
-            extracted = [e.extract(row) for e in entities]
-        except RowRejected as exc:
-            stats.rows -= 1
-            stats.reject(line_no, exc.reason)
-            continue
-        for i, item in enumerate(extracted):
-            if item is not None:
-                batches[i].append(item[2])
-                if len(batches[i]) >= BATCH:
-                    conn.exec_driver_sql(sqls[i], batches[i])  # type: ignore[arg-type]
-                    batches[i] = []
-    for sql, batch in zip(sqls, batches, strict=True):
-        if batch:
-            conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
-    _done(reader, progress, "load")
-    for change, e in zip(report.tables, entities, strict=True):
-        change.inserted = _count(conn, e.table)
-
-
-def _diff_load(
-    conn: Connection, reader: ExtractReader, source: ExtractSource, entities: list[BoundEntity],
-    report: SyncReport, progress: Progress | None, max_delete_share: float, force: bool,
-) -> None:
-    pg = conn.dialect.name == "postgresql"
-    temp = "CREATE TEMPORARY TABLE"
-    suffix = " ON COMMIT DROP" if pg else ""
-    names = [f"dir_stage_{i}" for i in range(len(entities))]
-    for name in [*names, "dir_stage_changed"]:
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-    for name in names:
-        conn.exec_driver_sql(f"{temp} {name} (k VARCHAR(320) PRIMARY KEY, h BIGINT NOT NULL, line INTEGER NOT NULL)"
-                             f"{suffix}")
-    conn.exec_driver_sql(f"{temp} dir_stage_changed (line INTEGER NOT NULL, ent INTEGER NOT NULL, "
-                         f"is_new INTEGER NOT NULL){suffix}")
-
-    # Pass 1: keys and hashes only.
-    stage_sql = [f"INSERT INTO {n} (k, h, line) VALUES ({_placeholders(conn, 3)}) ON CONFLICT (k) DO NOTHING"
-                 for n in names]
-    batches: list[list[tuple[Any, ...]]] = [[] for _ in entities]
-    stats = reader.stats
-    for line_no, row in _rows(reader, progress, "compare"):
-        try:
-            extracted = [e.extract(row) for e in entities]
-        except RowRejected as exc:
-            stats.rows -= 1
-            stats.reject(line_no, exc.reason)
-            continue
-        for i, item in enumerate(extracted):
-            if item is not None:
-                batches[i].append((item[0], item[1], line_no))
-                if len(batches[i]) >= BATCH:
-                    conn.exec_driver_sql(stage_sql[i], batches[i])  # type: ignore[arg-type]
-                    batches[i] = []
-    for sql, batch in zip(stage_sql, batches, strict=True):
-        if batch:
-            conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
-    _done(reader, progress, "compare")
-
-    # The difference, computed by the database.
-    for i, (e, change, stage) in enumerate(zip(entities, report.tables, names, strict=True)):
-        table, key = e.table.name, e.spec.key_column
-        gone = f"NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.k = {table}.{key})"
-        change.deleted = int(conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {gone}").scalar_one())
-        if not force and change.before and change.deleted > max_delete_share * change.before:
-            raise DeletionBrake(table, change.deleted, change.before, max_delete_share)
-        conn.exec_driver_sql(
-            f"INSERT INTO dir_stage_changed (line, ent, is_new) "
-            f"SELECT s.line, {i}, CASE WHEN t.{key} IS NULL THEN 1 ELSE 0 END "
-            f"FROM {stage} s LEFT JOIN {table} t ON t.{key} = s.k "
-            f"WHERE t.{key} IS NULL OR t.row_hash <> s.h"
-        )
-        counts: dict[int, int] = dict(conn.exec_driver_sql(
-            f"SELECT is_new, count(*) FROM dir_stage_changed WHERE ent = {i} GROUP BY is_new").all())
-        change.inserted = int(counts.get(1, 0))
-        change.updated = int(counts.get(0, 0))
-        if change.deleted:
-            conn.exec_driver_sql(f"DELETE FROM {table} WHERE {gone}")
-    if not any(c.inserted or c.updated for c in report.tables):
-        return
-
-    # Pass 2: re-read the file, upsert only the changed lines.
-    conn.exec_driver_sql("CREATE INDEX dir_stage_changed_line ON dir_stage_changed (line)")
-    upsert_sql = [_insert_sql(conn, e, update=True) for e in entities]
-    upserts: list[list[tuple[Any, ...]]] = [[] for _ in entities]
-    wanted = _changed_lines(conn)
-    pending = next(wanted, None)
-    with ExtractReader(source) as again:
-        for line_no, row in _rows(again, progress, "apply"):
-            while pending is not None and pending[0] < line_no:
-                pending = next(wanted, None)
-            if pending is None:
-                break
-            if pending[0] != line_no:
-                continue
-            for ent in pending[1]:
-                item = entities[ent].extract(row)
-                if item is not None:
-                    upserts[ent].append(item[2])
-                    if len(upserts[ent]) >= BATCH:
-                        _flush(conn, upsert_sql[ent], upserts[ent])
-        for sql, batch in zip(upsert_sql, upserts, strict=True):
-            _flush(conn, sql, batch)
-        _done(again, progress, "apply")
-
-
-def _flush(conn: Connection, sql: str, batch: list[tuple[Any, ...]]) -> None:
-    if batch:
-        conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
-        batch.clear()
 
 
 def _changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:
@@ -311,10 +529,8 @@ def _changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:
             return
         # A line's entities may straddle the chunk end: drop that last line and read it again.
         final = chunk[-1][0]
-        if len(chunk) == CHUNK:
-            rows = [r for r in chunk if r[0] != final] or chunk
-        else:
-            rows = chunk
+        rows = [r for r in chunk if r[0] != final] if len(chunk) == CHUNK else chunk
+        rows = rows or chunk
         current: int | None = None
         ents: list[int] = []
         for line, ent in rows:

@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
     q.add_argument("files", nargs="+", type=Path, metavar="FILE")
     _brake_options(q)
     q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.add_argument("--full-compare", action="store_true",
+                   help="compare every key in SQL instead of only the lines that changed since the last import")
     q = add_command(d, "sync-fhir", _sync_fhir, "apply the Annuaire Santé FHIR API's mailboxes")
     q.add_argument("--since", help="ISO date-time of the increment (_lastUpdated=ge...); default: every mailbox")
     q.add_argument("--base-url", default=os.environ.get("ESANTE_FHIR_URL", PRODUCTION_BASE_URL))
@@ -135,7 +137,7 @@ def _import(args: argparse.Namespace) -> int:
             if not path.exists():
                 raise GatewayError(f"{path}: no such file")
         reports = import_paths(engine, args.files, max_delete_share=args.max_delete, force=args.force,
-                               progress=bar)
+                               full_compare=args.full_compare, progress=bar)
         for r in reports:
             print(r.summary())
             for m in r.malformed[:20]:

@@ -12,7 +12,7 @@ def test_migrations_create_every_model_table_and_their_own_version_table(engine:
     assert VERSION_TABLE in names
     assert "alembic_version" not in names  # the gateway's own history stays free
     with engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0001"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
 
 
 def test_migrate_is_idempotent(engine: Engine) -> None:

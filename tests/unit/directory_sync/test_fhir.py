@@ -87,6 +87,11 @@ async def test_increment_closes_inactive_entries_even_from_the_extract(
         await sync_fhir(engine, client, since=dt.datetime(2026, 8, 26, tzinfo=dt.UTC))
     assert lookup.lookup_blocking("nouvelle@pro.mssante.fr") is None
     assert lookup.lookup_blocking("autre@pro.mssante.fr") is not None
+
+    # The next full extract is authoritative again: compared key by key, it restores the closed entry.
+    (again,) = import_paths(engine, [tmp_path / "m.txt"], force=True)
+    assert again.method == "compare"
+    assert lookup.lookup_blocking(per[1]) is not None
     lookup.close()
 
 

@@ -63,13 +63,18 @@ def test_reimporting_the_same_file_changes_nothing_and_says_so(engine: Engine, t
     assert statuses == ["ok", "unchanged"]
 
 
+@pytest.mark.parametrize("full_compare", [False, True], ids=["by-line", "full-compare"])
 @pytest.mark.parametrize("factory", ["personne_activite", "mssante"])
-def test_a_diff_sync_ends_exactly_where_a_fresh_import_would(engine: Engine, tmp_path: Path, factory: str) -> None:
+def test_a_diff_sync_ends_exactly_where_a_fresh_import_would(
+    engine: Engine, tmp_path: Path, factory: str, full_compare: bool,
+) -> None:
     make = personne_activite_lines if factory == "personne_activite" else mssante_lines
     old = write_extract(tmp_path / "old.txt", make(500))
     new = write_extract(tmp_path / "new.txt", make(500, changed_share=0.05, removed_share=0.03))
-    import_paths(engine, [old])
-    (report,) = import_paths(engine, [new])
+    (first,) = import_paths(engine, [old])
+    assert first.method == "load"
+    (report,) = import_paths(engine, [new], full_compare=full_compare)
+    assert report.method == ("compare" if full_compare else "lines")
     assert report.changed
     assert sum(t.updated + t.inserted for t in report.tables) > 0
     assert sum(t.deleted for t in report.tables) > 0
@@ -199,3 +204,30 @@ def test_zipped_extract_imports_like_the_plain_file(engine: Engine, tmp_path: Pa
     assert _count(engine, Mailbox) == 120
     (again,) = import_paths(engine, [zipped])
     assert not again.changed
+
+
+def test_identical_duplicate_lines_keep_their_entry_until_both_go(engine: Engine, tmp_path: Path) -> None:
+    lines = list(mssante_lines(30))
+    twin = lines[7]
+    with_twins = lines[:12] + [twin] + lines[12:]
+    import_paths(engine, [write_extract(tmp_path / "a.txt", with_twins)])
+    assert _count(engine, Mailbox) == 30
+    (one_left,) = import_paths(engine, [write_extract(tmp_path / "b.txt", lines)])
+    assert one_left.method == "lines"
+    assert not one_left.changed
+    (none_left,) = import_paths(engine, [write_extract(tmp_path / "c.txt", lines[:7] + lines[8:])])
+    assert none_left.tables[0].deleted == 1
+    assert _count(engine, Mailbox) == 29
+
+
+def test_a_practitioner_stays_while_one_of_their_lines_remains(engine: Engine, tmp_path: Path) -> None:
+    lines = list(personne_activite_lines(300))
+    ids = [line.split("|")[2] for line in lines[1:]]
+    multi = next(i for i in range(len(ids) - 1) if ids[i] == ids[i + 1]) + 1  # a practitioner with two lines
+    import_paths(engine, [write_extract(tmp_path / "a.txt", lines)])
+    (report,) = import_paths(engine, [write_extract(tmp_path / "b.txt", lines[:multi] + lines[multi + 1:])])
+    changes = {t.table: t for t in report.tables}
+    assert changes["activities"].deleted == 1
+    assert changes["practitioners"].deleted == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(Practitioner.id_nat_ps == ids[multi - 1])).scalar_one() == 1
