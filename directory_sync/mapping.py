@@ -106,6 +106,7 @@ class BoundEntity:
         self._required = tuple((h, reader.column(h)) for h in spec.required)
         self._constants = tuple(v for _, v in spec.constants)
         self._field_names = tuple(c for c, _ in spec.fields)
+        self.has_raw_key = self._key_pos is not None and spec.normalise_key is None
 
     def raw_key(self, row: list[str]) -> str | None:
         """The key as it stands in the row when it needs no normalising (None otherwise)."""

@@ -250,14 +250,15 @@ class _Run:
         out: list[Any] = []
         try:
             for i, e in enumerate(self.entities):
-                if seen is not None:
+                keys = seen[i] if seen is not None and e.has_raw_key else None
+                if keys is not None:
                     raw = e.raw_key(fields)
-                    if seen[i].has(raw):
+                    if keys.has(raw):
                         out.append(raw)
                         continue
                 item = e.extract(fields)
-                if item is not None and seen is not None:
-                    seen[i].add(item[0])
+                if item is not None and keys is not None:
+                    keys.add(item[0])
                 out.append(item)
         except RowRejected as exc:
             self.reader.stats.rows -= 1
