@@ -7,7 +7,9 @@ and every failure is a `MalformedCms` with a reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
@@ -31,9 +33,22 @@ def load_content_info(der: bytes) -> cms.ContentInfo:
         info._parse_children(recurse=True)
     except MalformedCms:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+    except PARSE_ERRORS as exc:
         raise MalformedCms(f"{type(exc).__name__}: {exc}") from None
     return info
+
+
+PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+@contextlib.contextmanager
+def parse_errors_as_malformed(what: str) -> Iterator[None]:
+    """asn1crypto parses on first access, so damage deep inside a structure surfaces late, as a ValueError
+    or a TypeError; inside this block any such error is the input's fault and becomes a MalformedCms."""
+    try:
+        yield
+    except PARSE_ERRORS as exc:
+        raise MalformedCms(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def present(value: object) -> bool:

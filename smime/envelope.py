@@ -36,6 +36,7 @@ from smime.cms import (
     identifies,
     issuer_and_serial_der,
     load_content_info,
+    parse_errors_as_malformed,
     present,
 )
 from smime.errors import (
@@ -136,6 +137,11 @@ def encrypt_content(content: bytes, recipients: Sequence[x509.Certificate], *,
 
 async def decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
     """Decrypt an EnvelopedData or AuthEnvelopedData (BER accepted) with our key (RFC 5652 §6.2.1)."""
+    with parse_errors_as_malformed("EnvelopedData"):
+        return await _decrypt_content(der, decrypter)
+
+
+async def _decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
     info = load_content_info(der)
     kind = info["content_type"].native
     if kind == "enveloped_data":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from asn1crypto import cms
 
 from smime.algorithms import read_oaep_parameters
-from smime.cms import describe_identifier, load_content_info
+from smime.cms import describe_identifier, load_content_info, parse_errors_as_malformed
 from smime.errors import SmimeError
 from smime.mime import (
     content_type,
@@ -80,6 +80,11 @@ def _enveloped_facts(kind: str, content: cms.EnvelopedData | cms.AuthEnvelopedDa
 
 def inspect_entity(entity: bytes) -> Layer:
     """Describe the outermost layer of a MIME entity; `inner` is the next entity when it is not encrypted."""
+    with parse_errors_as_malformed("CMS"):
+        return _inspect(entity)
+
+
+def _inspect(entity: bytes) -> Layer:
     block, body = split_header_body(entity)
     ctype = content_type(block)
     if ctype.mime_type == "multipart/signed":

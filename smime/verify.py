@@ -33,7 +33,13 @@ from smime.certpath import (
     name_of,
     validate_path,
 )
-from smime.cms import from_asn1, identifies, load_content_info, present
+from smime.cms import (
+    from_asn1,
+    identifies,
+    load_content_info,
+    parse_errors_as_malformed,
+    present,
+)
 from smime.errors import (
     ContentTampered,
     MalformedCms,
@@ -105,6 +111,14 @@ def verify_signed_data(der: bytes, content: bytes | None = None, *, trust: Trust
     `micalg` is the multipart/signed parameter, checked against the digest (RFC 8551 §3.5.3.2).
     `identity_check=None` leaves the sender check to the caller (the gateway matches RPPS numbers).
     """
+    with parse_errors_as_malformed("SignedData"):
+        return _verify(der, content, trust=trust, at=at, policy=policy, micalg=micalg, sender=sender,
+                       identity_check=identity_check)
+
+
+def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetime.datetime | None,
+            policy: ValidationPolicy, micalg: str | None, sender: str | None,
+            identity_check: IdentityCheck | None) -> VerificationReport:
     info = load_content_info(der)
     if info["content_type"].native != "signed_data":
         raise MalformedCms(f"expected SignedData, got {info['content_type'].native}")
