@@ -32,7 +32,7 @@ class Check:
 
 
 @dataclass(frozen=True, slots=True)
-class SignerInfo:
+class SignerIdentity:
     """The signer as the certificate names them; RPPS read from a CN of the form `8` + RPPS (IGC-Santé)."""
 
     subject: str
@@ -50,7 +50,7 @@ class VerificationReport:
     """The result of verifying one SignedData: the content it covers and every check."""
 
     content: bytes = field(repr=False)
-    signer: SignerInfo
+    signer: SignerIdentity
     checks: tuple[Check, ...]
     detached: bool
 

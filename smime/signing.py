@@ -1,4 +1,4 @@
-"""Signing (RFC 5652 §5, RFC 8551 §3.5): SignedData built with asn1crypto, the RSA step done by a `Signer`.
+"""Signing (RFC 5652 §5, RFC 8551 §3.5): SignedData written with smime.der, the RSA step done by a `Signer`.
 
 The signer receives the DER `SET OF` encoding of the signed attributes, not their digest (smime.keys),
 so a CPS card can finish the hash itself. Attributes are those RFC 8551 §2.5 asks for: contentType,

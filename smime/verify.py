@@ -52,7 +52,7 @@ from smime.errors import (
     WeakKey,
 )
 from smime.mime import to_crlf
-from smime.report import Check, SignerInfo, VerificationReport
+from smime.report import Check, SignerIdentity, VerificationReport
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetim
     if identity_check is not None:
         _run("sender", checks, lambda: identity_check(cert, sender))
 
-    signer = SignerInfo(
+    signer = SignerIdentity(
         subject=name_of(cert),
         fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
         rpps=rpps_of(cert),
