@@ -80,9 +80,6 @@ def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
         raise MalformedCms(f"embedded certificate does not parse: {exc}") from None
 
 
-def issuer_and_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
-    """The IssuerAndSerialNumber of `cert` (RFC 5652 §10.2.4), computed once per certificate."""
-    return cms.IssuerAndSerialNumber.load(issuer_and_serial_der(cert))
 
 
 def subject_key_id(cert: x509.Certificate) -> bytes | None:

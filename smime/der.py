@@ -63,9 +63,6 @@ def oid(dotted: str) -> bytes:
     return tlv(OID, bytes(out))
 
 
-def explicit(number: int, inner: bytes) -> bytes:
-    """[number] EXPLICIT: a constructed context tag around a whole TLV."""
-    return tlv(0xA0 | number, inner)
 
 
 def implicit(number: int, encoded: bytes, *, constructed: bool) -> bytes:
