@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Iterator
@@ -7,12 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from config.schema import DatabaseConfig
 from gateway.db import create_tables, make_engine
 from gateway.spool import (
     MAX_QUEUE_LIFETIME,
+    GroupCommitter,
+    Incoming,
     RETRY_SCHEDULE,
     RecipientResult,
     Spool,
@@ -100,3 +103,31 @@ def test_files_are_fsynced_to_a_directory_that_exists(spool: Spool, tmp_path: Pa
     qid = spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
     # the link count shows the temp name is gone: one name only, in msg/
     assert os.stat(spool.path(qid)).st_nlink == 1
+
+
+def test_recover_marks_rows_without_files_as_delivered(spool: Spool, engine: Engine) -> None:
+    qid = spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    spool.path(qid).unlink()  # its file went after delivery; the "done" mark was lost to a power cut
+    spool.recover()
+    with engine.connect() as conn:
+        assert conn.execute(select(queue.c.state).where(queue.c.id == qid)).scalar_one() == "done"
+    assert spool.claim_due(10) == []
+
+
+async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Engine) -> None:
+    committer = GroupCommitter(spool)
+    ids = await asyncio.gather(*(committer.accept(Incoming("a@x.test", ("b@x.test",), MSG + bytes([65 + i]), None))
+                                 for i in range(20)))
+    assert len(set(ids)) == 20
+    for i, qid in enumerate(ids):
+        assert spool.read(qid) == MSG + bytes([65 + i])
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(queue)).scalar_one() == 20
+
+
+def test_failed_commit_leaves_no_file(spool: Spool, engine: Engine, tmp_path: Path) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE queue_recipients")
+    with pytest.raises(Exception):
+        spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    assert list((tmp_path / "spool" / "msg").iterdir()) == []

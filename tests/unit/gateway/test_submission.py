@@ -29,7 +29,7 @@ from config.schema import (
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
 from gateway.devpki import DevPki
-from gateway.spool import Spool
+from gateway.spool import GroupCommitter, Spool
 from gateway.submission import SubmissionHandler, start_submission
 from gateway.tls import server_context
 
@@ -69,7 +69,7 @@ async def _start(tmp: Path, pki: DevPki, **limits: float) -> tuple[asyncio.Serve
     accounts.add(BOB, "bob's long password")
     spool = Spool(cfg.spool.dir, engine)
     queued: list[str] = []
-    handler = SubmissionHandler(cfg, accounts, spool, queued.append)
+    handler = SubmissionHandler(cfg, accounts, GroupCommitter(spool), queued.append)
     server = await start_submission(cfg, handler, server_context(cfg.tls))
     port = server.sockets[0].getsockname()[1]
     return server, Server(port, spool, str(pki.ca_bundle), queued)
