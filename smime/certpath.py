@@ -38,6 +38,7 @@ from smime.errors import (
 log = logging.getLogger(__name__)
 
 RevocationMode = Literal["require", "soft-fail", "off"]
+MIN_EC_BITS = 256  # RFC 8551 §2.2: P-256 and up
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,8 @@ def _check_algorithms(cert: x509.Certificate, policy: ValidationPolicy, *, signa
     key = cert.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < policy.min_rsa_bits:
         raise WeakKey(name_of(cert), key.key_size, policy.min_rsa_bits)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < MIN_EC_BITS:
+        raise WeakKey(name_of(cert), key.curve.key_size, MIN_EC_BITS)
     if signature:
         try:
             digest = cert.signature_hash_algorithm

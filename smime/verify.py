@@ -15,8 +15,8 @@ from asn1crypto import cms
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from smime.algorithms import (
@@ -91,6 +91,21 @@ def match_from_address(cert: x509.Certificate, sender: str | None) -> str:
         listed = ", ".join(addresses) or "no address"
         raise SenderMismatch(sender, f"From {sender} is not bound to the certificate ({listed})")
     return f"From {sender} is in the certificate"
+
+
+def _rsa_padding(si: cms.SignerInfo, sig_name: str, digest_name: str) -> asym_padding.AsymmetricPadding:
+    """PKCS#1 v1.5, or PSS with the encoded parameters, whose hash must be the digest (RFC 4056 §3)."""
+    if sig_name == "rsassa_pss":
+        try:
+            pss_hash, salt = read_pss_parameters(si["signature_algorithm"]["parameters"])
+        except UnsupportedAlgorithm as exc:
+            raise WeakAlgorithm(exc.algorithm, "the signature") from None
+        if pss_hash != digest_name:
+            raise SignatureInvalid(f"PSS hash {pss_hash} differs from the digest {digest_name} (RFC 4056 §3)")
+        return asym_padding.PSS(asym_padding.MGF1(hash_algorithm(pss_hash)), salt)
+    if sig_name == "rsassa_pkcs1v15" or sig_name.endswith("_rsa"):
+        return asym_padding.PKCS1v15()
+    raise WeakAlgorithm(sig_name, "a signature by an RSA key")
 
 
 def _run(name: str, checks: list[Check], step: Callable[[], str]) -> bool:
@@ -195,24 +210,18 @@ def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetim
 
     def signature() -> str:
         key = cert.public_key()
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise WeakAlgorithm(type(key).__name__, "the signer key (only RSA is supported)")
         signed_bytes = attrs.untag().dump() if has_attrs else covered
-        pad: asym_padding.AsymmetricPadding
-        if sig_name == "rsassa_pss":
-            try:
-                pss_hash, salt = read_pss_parameters(si["signature_algorithm"]["parameters"])
-            except UnsupportedAlgorithm as exc:
-                raise WeakAlgorithm(exc.algorithm, "the signature") from None
-            if pss_hash != digest_name:
-                raise SignatureInvalid(f"PSS hash {pss_hash} differs from the digest {digest_name} (RFC 4056 §3)")
-            pad = asym_padding.PSS(asym_padding.MGF1(hash_algorithm(pss_hash)), salt)
-        elif sig_name == "rsassa_pkcs1v15" or digest_of_signature_algorithm(sig_name) is not None:
-            pad = asym_padding.PKCS1v15()
-        else:
-            raise WeakAlgorithm(sig_name, "the signature")
+        value = si["signature"].native
         try:
-            key.verify(si["signature"].native, signed_bytes, pad, hash_algorithm(digest_name))
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                # RFC 5753 §2.1.1 / RFC 8551 §2.2: ECDSA over the same bytes, the digest named by the SignerInfo.
+                if sig_name != "ecdsa" and not sig_name.endswith("_ecdsa"):
+                    raise WeakAlgorithm(sig_name, "a signature by an EC key")
+                key.verify(value, signed_bytes, ec.ECDSA(hash_algorithm(digest_name)))
+            elif isinstance(key, rsa.RSAPublicKey):
+                key.verify(value, signed_bytes, _rsa_padding(si, sig_name, digest_name), hash_algorithm(digest_name))
+            else:
+                raise WeakAlgorithm(type(key).__name__, "the signer key (RSA and ECDSA are supported)")
         except InvalidSignature:
             raise SignatureInvalid("the signature does not verify with the signer's public key") from None
         except UnsupportedAlgorithm as exc:

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.devpki import (
+    issue_certificate,
+    load_certificate,
+    load_private_key,
+    practitioner_name,
+)
 from smime.envelope import decrypt_content, encrypt_content
 from smime.errors import UnsupportedAlgorithm
 from smime.message import encrypt_entity, open_message, sign_and_encrypt
@@ -196,3 +205,26 @@ def test_openssl_reads_our_der_directly(pki, paul_auth, tmp_path):
     out = run(["openssl", "cms", "-decrypt", "-inform", "DER", "-binary", "-in", path, "-recip", p.auth_cert,
                "-inkey", p.auth_key])
     assert out == ENTITY
+
+
+@pytest.mark.parametrize("curve,md", [(ec.SECP256R1(), "sha256"), (ec.SECP384R1(), "sha384")])
+def test_we_verify_openssl_ecdsa(pki, trust, tmp_path, curve, md):
+    """ECDSA signers (RFC 8551 §2.2 MUST; the ETT 'GOOD_ECDSA_CERT' case), issued by the PERSONNES CA."""
+    key = ec.generate_private_key(curve)
+    cert = issue_certificate(load_certificate(pki.personnes_cert), load_private_key(pki.personnes_key),
+                             practitioner_name("10001234567", "EXEMPLE", "Jeanne", "Médecin"),
+                             key.public_key(),  # type: ignore[arg-type]
+                             profile="signature", sans=[x509.RFC822Name("jeanne.exemple@dev.mssante.test")])
+    (tmp_path / "ec.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ec.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    src = tmp_path / "entity.eml"
+    src.write_bytes(ENTITY)
+    out = run(["openssl", "cms", "-sign", "-md", md, "-in", src, "-signer", tmp_path / "ec.crt",
+               "-inkey", tmp_path / "ec.key", "-certfile", pki.personnes_cert])
+    signed = join_message(OUTER, split_message(out)[1])
+    report = asyncio.run(open_message(signed, decrypter=None, trust=trust)).reports[0]
+    assert report.valid, report.summary()
+    assert report.signer.signature_algorithm == f"{md}_ecdsa"
+    tampered = asyncio.run(open_message(signed.replace(b"joints", b"jointz"), decrypter=None, trust=trust)).reports[0]
+    assert [c.name for c in tampered.failures] == ["message-digest", "signature"]
