@@ -224,6 +224,9 @@ def split_multipart_signed(entity: bytes) -> SignedParts:
     boundary = ctype.param("boundary")
     if ctype.mime_type != "multipart/signed" or not boundary:
         raise MalformedMessage(f"expected multipart/signed with a boundary, got {ctype.mime_type}")
+    protocol = (ctype.param("protocol") or "application/pkcs7-signature").lower()
+    if protocol not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
+        raise MalformedMessage(f"multipart/signed with protocol {protocol} is not S/MIME (RFC 8551 §3.5.3)")
     delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode()) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     marks = list(delim.finditer(body))
     closing = next((i for i, m in enumerate(marks) if m.group(1)), None)

@@ -234,6 +234,7 @@ async def test_absurd_nesting(paul_auth, trust, message):
     lambda s: s.replace(b"boundary=", b"boundery="),
     lambda s: s[: s.rindex(b"--\r\n") - 10],
     lambda s: s.replace(b"application/pkcs7-signature;", b"text/plain;"),
+    lambda s: s.replace(b'protocol="application/pkcs7-signature"', b'protocol="application/pgp-signature"'),
 ])
 async def test_broken_multipart_signed(jeanne_sign, trust, message, mangle):
     signed = await sign_message(message, jeanne_sign)
