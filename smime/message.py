@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,12 @@ from smime.algorithms import CIPHERS, ContentCipher
 from smime.certpath import DEFAULT_POLICY, TrustStore, ValidationPolicy
 from smime.cms import load_content_info
 from smime.envelope import Decrypted, decrypt_content, encrypt_content
-from smime.errors import DecryptionFailed, MalformedMessage, NestingTooDeep
+from smime.errors import (
+    DecryptionFailed,
+    MalformedMessage,
+    NestingTooDeep,
+    SenderMismatch,
+)
 from smime.keys import (
     Decrypter,
     HashName,
@@ -40,9 +46,14 @@ from smime.mime import (
     split_multipart_signed,
     to_crlf,
 )
-from smime.report import VerificationReport
+from smime.report import Check, VerificationReport
 from smime.signing import sign_entity
-from smime.verify import IdentityCheck, match_from_address, verify_signed_data
+from smime.verify import (
+    AsyncIdentityCheck,
+    IdentityCheck,
+    match_from_address,
+    verify_signed_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +179,28 @@ def smime_kind(entity: bytes) -> str | None:
     return "opaque-signed" if kind == "signed_data" else "enveloped"
 
 
+async def _check_sender(report: VerificationReport, check: IdentityCheck | AsyncIdentityCheck | None,
+                        sender: str | None) -> VerificationReport:
+    """Add the `sender` check (RFC 8550 §3) to a report, awaiting the hook when it is a coroutine function."""
+    if check is None:
+        return report
+    try:
+        outcome = check(report.signer.certificate, sender)
+        reason = await outcome if inspect.isawaitable(outcome) else outcome
+    except SenderMismatch as exc:
+        return report.with_check(Check.failed(exc, "sender"))
+    return report.with_check(Check.ok("sender", reason))
+
+
 async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: TrustStore,
                        at: datetime.datetime | None = None, policy: ValidationPolicy = DEFAULT_POLICY,
-                       identity_check: IdentityCheck | None = match_from_address,
+                       identity_check: IdentityCheck | AsyncIdentityCheck | None = match_from_address,
                        max_depth: int = MAX_DEPTH) -> OpenedMessage:
     """Decrypt and verify every layer of a received message; signature verdicts are in the reports.
 
     Raises only on what prevents reading: malformed structure, no key for us, failed decryption,
     nesting deeper than `max_depth`. A failed signature is a report, never an exception.
+    `identity_check` may be a coroutine function: the gateway's RPPS lookup awaits the directory.
     """
     outer, entity = split_message(message)
     sender = sender_address(outer)
@@ -187,12 +212,14 @@ async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: Tr
         if kind == "signed":
             parts = split_multipart_signed(entity)
             report = await _cpu(len(entity), verify_signed_data, parts.signature, parts.content, trust=trust, at=at,
-                                policy=policy, micalg=parts.micalg, sender=sender, identity_check=identity_check)
+                                policy=policy, micalg=parts.micalg, sender=sender, identity_check=None)
+            report = await _check_sender(report, identity_check, sender)
             layers.append(Layer("signed", "multipart/signed", report=report))
             entity = report.content
         elif kind == "opaque-signed":
             report = await _cpu(len(entity), verify_signed_data, decode_body(block, body), None, trust=trust, at=at,
-                                policy=policy, sender=sender, identity_check=identity_check)
+                                policy=policy, sender=sender, identity_check=None)
+            report = await _check_sender(report, identity_check, sender)
             layers.append(Layer("signed", "application/pkcs7-mime signed-data", report=report))
             entity = report.content
         else:

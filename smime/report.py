@@ -10,6 +10,8 @@ import dataclasses
 import datetime
 from dataclasses import dataclass, field
 
+from cryptography import x509
+
 from smime.errors import VerificationFailed
 
 
@@ -43,6 +45,7 @@ class SignerIdentity:
     digest_algorithm: str
     signature_algorithm: str
     signing_time: datetime.datetime | None
+    certificate: x509.Certificate = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from asn1crypto import cms
 from cryptography import x509
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 IdentityCheck = Callable[[x509.Certificate, "str | None"], str]
 """Given the signer certificate and the From address, return a reason it matches or raise SenderMismatch."""
+AsyncIdentityCheck = Callable[[x509.Certificate, "str | None"], Awaitable[str]]
+"""The same, for a check that must wait (the gateway's RPPS lookup in the directory); `open_message` takes it."""
 
 _RPPS_CN = re.compile(r"^8(\d{11})$")
 
@@ -257,6 +259,7 @@ def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetim
         digest_algorithm=digest_name,
         signature_algorithm=sig_name,
         signing_time=signing_time if isinstance(signing_time, datetime.datetime) else None,
+        certificate=cert,
     )
     report = VerificationReport(covered, signer, tuple(checks), detached)
     log.info("signature of %s (sha256 %s): %s", signer.subject, signer.fingerprint_sha256[:16],

@@ -116,3 +116,28 @@ async def test_gateway_hook_replaces_sender_check(jeanne_sign, trust, message):
     assert hooked.valid and "directory" in hooked.check("sender").reason
     replaced = default.with_check(Check.ok("sender", "matched later by the gateway"))
     assert replaced.valid
+
+
+async def test_async_identity_hook(jeanne_sign, trust, message):
+    """The gateway's RPPS check awaits the directory; open_message awaits the hook."""
+    import asyncio
+
+    from smime.errors import SenderMismatch
+
+    directory = {"10001234567": "jeanne.exemple@dev.mssante.test"}
+
+    async def rpps_lookup(cert, sender):
+        await asyncio.sleep(0)
+        from smime.verify import rpps_of
+        rpps = rpps_of(cert)
+        if directory.get(rpps or "") != sender:
+            raise SenderMismatch(sender, f"RPPS {rpps} does not hold {sender} in the directory")
+        return f"RPPS {rpps} holds {sender}"
+
+    signed = await sign_message(message, jeanne_sign)
+    good = (await open_message(signed, decrypter=None, trust=trust, identity_check=rpps_lookup)).reports[0]
+    assert good.valid and good.check("sender").reason == "RPPS 10001234567 holds jeanne.exemple@dev.mssante.test"
+    directory.clear()
+    bad = (await open_message(signed, decrypter=None, trust=trust, identity_check=rpps_lookup)).reports[0]
+    assert [c.name for c in bad.failures] == ["sender"]
+    assert isinstance(bad.check("sender").error, SenderMismatch)
