@@ -28,10 +28,8 @@ from gateway.dovecot import DovecotError, DovecotStartError, MailDirUnreachable
 
 pytestmark = pytest.mark.dovecot
 
-# The same values as tests/integration/conftest.py (the accounts every embedded instance starts with).
-DOMAIN = "dev.mssante.test"
-ACCOUNTS = {f"alice@{DOMAIN}": "alice-password-1", f"bob@{DOMAIN}": "bob-password-22"}
-RunningDovecot = Any
+DOMAIN = "dev.mssante.test"  # the accounts of every embedded instance are dovecot_kit.ACCOUNTS, in this domain
+RunningDovecot = Any  # tests/integration/conftest.py:RunningDovecot (test modules do not import conftest)
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -148,7 +146,7 @@ def test_login_disabled_before_starttls(embedded_dovecot: RunningDovecot) -> Non
         assert "LOGINDISABLED" in client.capabilities
         assert not any(c.startswith("AUTH=") for c in client.capabilities)
         with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED|disallowed"):
-            client.login(ALICE, ACCOUNTS[ALICE])
+            client.login(ALICE, embedded_dovecot.accounts[ALICE])
     finally:
         client.shutdown()
 
@@ -230,7 +228,7 @@ def test_idle_sees_new_mail(embedded_dovecot: RunningDovecot) -> None:
 
 def test_inactive_account_cannot_log_in_nor_receive(dovecot_kit: Any) -> None:
     root = dovecot_kit.new_root()
-    accounts = {**ACCOUNTS, f"carol@{DOMAIN}": "carol-password-3"}
+    accounts = {**dovecot_kit.ACCOUNTS, f"carol@{DOMAIN}": "carol-password-3"}
     url = dovecot_kit.sqlite_accounts(root / "gateway.db", accounts, inactive=(f"carol@{DOMAIN}",))
     dv = dovecot_kit.start(dovecot_kit.config(root, url), root, accounts)
     try:
@@ -251,7 +249,7 @@ def test_inactive_account_cannot_log_in_nor_receive(dovecot_kit: Any) -> None:
 
 def test_restarted_after_sigkill(dovecot_kit: Any) -> None:
     root = dovecot_kit.new_root()
-    dv = dovecot_kit.start(dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db")), root, ACCOUNTS)
+    dv = dovecot_kit.start(dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db")), root, dovecot_kit.ACCOUNTS)
     try:
         first = dv.supervisor.pid
         assert first is not None
@@ -287,7 +285,7 @@ def test_unreachable_mail_dir_is_named(dovecot_kit: Any) -> None:
         cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
         cfg = dataclasses.replace(cfg, mailboxes=dataclasses.replace(cfg.mailboxes, mail_dir=locked / "mail"))
         with pytest.raises(MailDirUnreachable) as info:
-            dovecot_kit.start(cfg, root, ACCOUNTS)
+            dovecot_kit.start(cfg, root, dovecot_kit.ACCOUNTS)
         assert info.value.path == locked and "chmod o+x" in str(info.value)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -299,7 +297,7 @@ def test_start_failure_is_reported(dovecot_kit: Any) -> None:
         cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
         bad_tls = dataclasses.replace(cfg.tls, key=root / "missing.key")
         with pytest.raises(DovecotStartError) as info:
-            dovecot_kit.start(dataclasses.replace(cfg, tls=bad_tls), root, ACCOUNTS)
+            dovecot_kit.start(dataclasses.replace(cfg, tls=bad_tls), root, dovecot_kit.ACCOUNTS)
         assert "missing.key" in " ".join(info.value.log_tail)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -321,7 +319,7 @@ def pg_accounts_url(dovecot_kit: Any) -> Iterator[str]:
     try:
         with psycopg.connect(f"postgresql://root@127.0.0.1:5432/{name}", autocommit=True) as db:
             db.execute(dovecot_kit.ACCOUNTS_DDL)
-            for address, password in ACCOUNTS.items():
+            for address, password in dovecot_kit.ACCOUNTS.items():
                 db.execute("INSERT INTO accounts (address, password_hash, active) VALUES (%s, %s, true)",
                            (address, dovecot_kit.HASHER.hash(password)))
             db.execute("UPDATE accounts SET active = false WHERE address = %s", (BOB,))
@@ -334,7 +332,7 @@ def pg_accounts_url(dovecot_kit: Any) -> Iterator[str]:
 @pytest.mark.postgres
 def test_postgresql_passdb(dovecot_kit: Any, pg_accounts_url: str) -> None:
     root = dovecot_kit.new_root()
-    dv = dovecot_kit.start(dovecot_kit.config(root, pg_accounts_url), root, ACCOUNTS)
+    dv = dovecot_kit.start(dovecot_kit.config(root, pg_accounts_url), root, dovecot_kit.ACCOUNTS)
     try:
         sql_conf = (dv.cfg.mailboxes.base_dir / "dovecot-sql.conf.ext")
         assert "driver = pgsql" in sql_conf.read_text() and (sql_conf.stat().st_mode & 0o077) == 0
@@ -391,7 +389,7 @@ def test_dovecot_exposes_nothing_but_a_loopback_proxy_listener(embedded_dovecot:
 
 def test_stop_kills_a_dovecot_that_ignores_sigterm(dovecot_kit: Any) -> None:
     root = dovecot_kit.new_root()
-    dv = dovecot_kit.start(dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db")), root, ACCOUNTS)
+    dv = dovecot_kit.start(dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db")), root, dovecot_kit.ACCOUNTS)
     try:
         pid = dv.supervisor.pid
         dv.supervisor.stop_timeout = 1.0
@@ -406,7 +404,7 @@ def test_stop_kills_a_dovecot_that_ignores_sigterm(dovecot_kit: Any) -> None:
 def test_a_dovecot_left_by_a_killed_gateway_is_replaced(dovecot_kit: Any) -> None:
     root = dovecot_kit.new_root()
     cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
-    dovecot_kit.stop(dovecot_kit.start(cfg, root, ACCOUNTS))
+    dovecot_kit.stop(dovecot_kit.start(cfg, root, dovecot_kit.ACCOUNTS))
     conf = cfg.mailboxes.base_dir / "mssgw-dovecot.conf"
     # What a gateway killed with SIGKILL leaves behind: its Dovecot, still running, holding base_dir.
     orphan = subprocess.Popen([str(cfg.mailboxes.binary), "-F", "-c", str(conf)], stderr=subprocess.DEVNULL,
@@ -415,7 +413,7 @@ def test_a_dovecot_left_by_a_killed_gateway_is_replaced(dovecot_kit: Any) -> Non
         deadline = time.monotonic() + 30
         while not (cfg.mailboxes.base_dir / "master.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        dv = dovecot_kit.start(cfg, root, ACCOUNTS)
+        dv = dovecot_kit.start(cfg, root, dovecot_kit.ACCOUNTS)
         try:
             assert orphan.wait(timeout=30) is not None
             assert dv.supervisor.pid != orphan.pid
@@ -435,11 +433,11 @@ def test_start_errors_name_the_setting(dovecot_kit: Any) -> None:
         cfg = dovecot_kit.config(root, dovecot_kit.sqlite_accounts(root / "gateway.db"))
         no_binary = dataclasses.replace(cfg, mailboxes=dataclasses.replace(cfg.mailboxes, binary=root / "no-dovecot"))
         with pytest.raises(DovecotError, match=r"no-dovecot.*apt-get install.*mailboxes.binary"):
-            dovecot_kit.start(no_binary, root, ACCOUNTS)
+            dovecot_kit.start(no_binary, root, dovecot_kit.ACCOUNTS)
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", cfg.mailboxes.imap.port))
             taken.listen()
             with pytest.raises(DovecotError, match=r"cannot listen for IMAP on 127.0.0.1:\d+.*mailboxes.imap"):
-                dovecot_kit.start(cfg, root, ACCOUNTS)
+                dovecot_kit.start(cfg, root, dovecot_kit.ACCOUNTS)
     finally:
         shutil.rmtree(root, ignore_errors=True)
