@@ -62,6 +62,7 @@ AsyncIdentityCheck = Callable[[x509.Certificate, "str | None"], Awaitable[str]]
 """The same, for a check that must wait (the gateway's RPPS lookup in the directory); `open_message` takes it."""
 
 _RPPS_CN = re.compile(r"^8(\d{11})$")
+MAX_SIGNERS = 8  # more SignerInfos than this is not a real message; the rest are ignored
 
 
 def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
@@ -147,12 +148,25 @@ def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetim
             raise MalformedCms("opaque SignedData without content (a detached signature needs its content)")
     if not len(signed["signer_infos"]):
         raise MalformedCms("SignedData has no SignerInfo")
-    si: cms.SignerInfo = signed["signer_infos"][0]
     certs = [from_asn1(c.chosen) for c in signed["certificates"] if c.name == "certificate"] \
         if present(signed["certificates"]) else []
-    cert = next((c for c in certs if identifies(si["sid"], c)), None)
-    if cert is None:
-        raise MalformedCms("the signer's certificate is not in the message")
+    reports: list[VerificationReport] = []
+    for si in list(signed["signer_infos"])[:MAX_SIGNERS]:
+        cert = next((c for c in certs if identifies(si["sid"], c)), None)
+        if cert is not None:
+            reports.append(_verify_signer(signed, si, cert, certs, content, detached, trust=trust, at=at,
+                                          policy=policy, micalg=micalg, sender=sender,
+                                          identity_check=identity_check))
+    if not reports:
+        raise MalformedCms("no signer's certificate is in the message")
+    # RFC 5652 §5.1 allows several signers: the message is good if one signature is (RFC 8551 §2.4 leaves it local).
+    return next((r for r in reports if r.valid), reports[0])
+
+
+def _verify_signer(signed: cms.SignedData, si: cms.SignerInfo, cert: x509.Certificate,
+                   certs: list[x509.Certificate], content: bytes, detached: bool, *, trust: TrustStore,
+                   at: datetime.datetime | None, policy: ValidationPolicy, micalg: str | None, sender: str | None,
+                   identity_check: IdentityCheck | None) -> VerificationReport:
 
     digest_name = str(si["digest_algorithm"]["algorithm"].native)
     sig_name = str(si["signature_algorithm"]["algorithm"].native)

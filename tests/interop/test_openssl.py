@@ -24,7 +24,7 @@ from gateway.devpki import (
 from smime.envelope import decrypt_content, encrypt_content
 from smime.errors import UnsupportedAlgorithm
 from smime.message import encrypt_entity, open_message, sign_and_encrypt
-from smime.mime import join_message, split_message, to_crlf
+from smime.mime import join_message, split_message, split_multipart_signed, to_crlf
 from smime.signing import sign_entity
 
 ENTITY = (b"Content-Type: text/plain; charset=utf-8\r\n"
@@ -228,3 +228,19 @@ def test_we_verify_openssl_ecdsa(pki, trust, tmp_path, curve, md):
     assert report.signer.signature_algorithm == f"{md}_ecdsa"
     tampered = asyncio.run(open_message(signed.replace(b"joints", b"jointz"), decrypter=None, trust=trust)).reports[0]
     assert [c.name for c in tampered.failures] == ["message-digest", "signature"]
+
+
+def test_two_signers_one_good(pki, trust, tmp_path):
+    """RFC 5652 §5.1: several SignerInfos; the revoked one fails, Jeanne's carries the verdict."""
+    src = tmp_path / "entity.eml"
+    src.write_bytes(ENTITY)
+    jeanne = pki.practitioners[0]
+    out = run(["openssl", "cms", "-sign", "-in", src, "-signer", pki.revoked.sign_cert, "-inkey", pki.revoked.sign_key,
+               "-signer", jeanne.sign_cert, "-inkey", jeanne.sign_key, "-certfile", pki.personnes_cert])
+    report = asyncio.run(open_message(join_message(OUTER, split_message(out)[1]), decrypter=None,
+                                      trust=trust)).reports[0]
+    assert report.valid and report.signer.rpps == "10001234567"
+    from asn1crypto import cms
+    parts = split_multipart_signed(split_message(out)[1])
+    infos = cms.ContentInfo.load(parts.signature)["content"]["signer_infos"]
+    assert len(infos) == 2 and infos[0]["sid"].chosen["serial_number"].native == pki.revoked.serial
