@@ -359,10 +359,14 @@ class _Run:
             f"AND line_hash IN (SELECT h FROM dir_stage_removed)", kind_param)
         snapshot.flush()
 
-        # A candidate goes only if no line of the new file (unchanged or new) still feeds it.
+        # A candidate goes only if no line of the new file still feeds it: not a new line (staged),
+        # not an unchanged one (one sequential scan of the snapshot, only when some remain).
         gone: list[set[str]] = []
-        cross = "CROSS JOIN" if conn.dialect.name == "sqlite" else "JOIN"
-        on = "WHERE" if cross == "CROSS JOIN" else "ON"
+        if conn.dialect.name == "sqlite":  # force the snapshot as the outer, sequentially read table
+            scan = ("SELECT DISTINCT c.k FROM {lines} l CROSS JOIN dir_stage_cand c "
+                    "WHERE c.k = l.key{i} AND +l.kind = {mark}")
+        else:
+            scan = "SELECT DISTINCT c.k FROM {lines} l JOIN dir_stage_cand c ON c.k = l.key{i} WHERE l.kind = {mark}"
         for i, cand in enumerate(candidates):
             if not cand:
                 gone.append(set())
@@ -372,11 +376,12 @@ class _Run:
             for k in cand:
                 batch.add((k,))
             batch.flush()
-            kept = conn.exec_driver_sql(
-                f"SELECT DISTINCT c.k FROM {extract_line.name} l {cross} dir_stage_cand c "
-                f"{on} c.k = l.key{i} {'AND' if on == 'WHERE' else 'WHERE'} l.kind = {_marks(conn, 1)}",
-                kind_param).all()
-            gone.append(cand - {r[0] for r in kept})
+            conn.exec_driver_sql(f"DELETE FROM dir_stage_cand WHERE k IN (SELECT k FROM dir_stage_{i})")
+            left = {r[0] for r in conn.exec_driver_sql("SELECT k FROM dir_stage_cand").all()}
+            if left:
+                sql = scan.format(lines=extract_line.name, i=i, mark=_marks(conn, 1))
+                left -= {r[0] for r in conn.exec_driver_sql(sql, kind_param).all()}
+            gone.append(left)
         for change, g in zip(self.report.tables, gone, strict=True):
             change.deleted = len(g)
         self._check_brake()
