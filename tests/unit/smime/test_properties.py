@@ -94,3 +94,16 @@ def test_sign_verify_gives_back_the_signed_content(jeanne_sign, trust, tree):
 def test_encrypt_decrypt_gives_back_the_bytes(paul_auth, content, cipher):
     der = encrypt_content(content, [paul_auth.certificate], cipher=cipher)
     assert asyncio.run(decrypt_content(der, paul_auth)).content == content
+
+
+@SETTINGS
+@given(tree=trees(), cipher=st.sampled_from(["aes256-cbc", "aes128-gcm"]))
+def test_sign_then_encrypt_message_round_trip(jeanne_sign, paul_auth, trust, tree, cipher):
+    from smime.message import open_message, sign_and_encrypt
+    from smime.mime import join_message
+    entity, _ = tree
+    message = join_message([b"From: jeanne.exemple@dev.mssante.test\r\n", b"Subject: x\r\n"], entity)
+    sealed = asyncio.run(sign_and_encrypt(message, jeanne_sign, [paul_auth.certificate], cipher=cipher))
+    opened = asyncio.run(open_message(sealed, decrypter=paul_auth, trust=trust))
+    assert opened.reports[0].valid, opened.reports[0].summary()
+    assert opened.entity == canonicalize(entity)
