@@ -45,7 +45,7 @@ class Gateway:
             await self.dovecot.start()
             await self.dovecot.wait_ready()
         self.worker.start()
-        handler = SubmissionHandler(self.cfg, self.accounts, GroupCommitter(self.spool), self.worker.wake)
+        handler = SubmissionHandler(self.cfg, self.accounts, GroupCommitter(self.spool), self.worker.enqueue)
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
         log.info("gateway ready")
 

@@ -1,18 +1,21 @@
-"""The worker after the queue: takes due messages from the spool and delivers them to the
-local mailboxes over LMTP (RFC 2033), one reply per recipient.
+"""The worker after the queue: delivers queued messages to the local mailboxes over LMTP
+(RFC 2033), one reply per recipient.
 
-A recipient is marked delivered only on its own `250`; a 4xx (or a connection failure)
-defers it on the spool's retry schedule; a 5xx fails it. The spool file goes only when
-every recipient has its final answer. Later issues add signing/encryption and the relay
-to other gateways here, between the claim and the delivery.
+Fresh mail is handed over in memory by the receiver (its row is born `active`), so the
+common path costs no query; the database is polled for what is due again (`deferred`) or was
+left over by a crash (`recover` makes it `incoming`). A recipient is marked delivered only on
+its own `250`; a 4xx (or a connection failure) defers it on the spool's retry schedule; a 5xx
+fails it. The spool file goes only when every recipient has its final answer. Later issues
+add signing/encryption and the relay to other gateways here, before the delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 
 from gateway.logsetup import queue_id
 from gateway.spool import QueuedMessage, RecipientResult, Spool
@@ -22,7 +25,8 @@ log = logging.getLogger(__name__)
 # deliver(sender, recipients, message) -> {recipient: (code, reply text)}
 Deliver = Callable[[str, Sequence[str], bytes], Awaitable[dict[str, tuple[int, str]]]]
 
-_IDLE_POLL = 5.0
+# How often the database is asked for due messages when nothing else wakes the worker.
+POLL_INTERVAL = 2.0
 
 
 class DeliveryWorker:
@@ -30,64 +34,75 @@ class DeliveryWorker:
         self._spool = spool
         self._deliver = deliver
         self._concurrency = max(1, concurrency)
+        self._ready: deque[QueuedMessage] = deque()
         self._wake = asyncio.Event()
+        self._poll_due = True  # at start: whatever recovery left
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
-    def wake(self, _qid: str | None = None) -> None:
-        """Called when a message was queued: look at the spool now instead of at the next poll."""
+    def enqueue(self, msg: QueuedMessage) -> None:
+        """A message the receiver just spooled (born `active`): deliver it as soon as a slot is free."""
+        self._ready.append(msg)
+        self._wake.set()
+
+    def poll_now(self) -> None:
+        """Ask the database for due messages at once (an operator released or retried some)."""
+        self._poll_due = True
         self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="delivery-worker")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop claiming; let the attempts in flight finish (bounded), so none is cut in half."""
+        """Stop starting attempts; let those in flight finish (bounded) so none is cut in half;
+        give the messages not yet started back to the queue."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             await self._task
         if self._inflight:
-            done, pending = await asyncio.wait(self._inflight, timeout=timeout)
+            _, pending = await asyncio.wait(self._inflight, timeout=timeout)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        while self._ready:
+            await asyncio.to_thread(self._spool.release_active, self._ready.popleft().id)
 
     async def _run(self) -> None:
+        next_poll = 0.0
         while not self._stopping:
             self._wake.clear()
+            while self._ready and len(self._inflight) < self._concurrency:
+                self._launch(self._ready.popleft())
             free = self._concurrency - len(self._inflight)
-            claimed: list[QueuedMessage] = []
-            if free > 0:
+            if free > 0 and (self._poll_due or time.monotonic() >= next_poll):
+                self._poll_due = False
+                next_poll = time.monotonic() + POLL_INTERVAL
                 try:
                     claimed = await asyncio.to_thread(self._spool.claim_due, free)
                 except Exception:
-                    log.exception("cannot read the queue; retrying shortly")
-            for msg in claimed:
-                task = asyncio.create_task(self._attempt(msg), name=f"deliver-{msg.id}")
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
-            if claimed and len(claimed) == free:
-                continue
-            await self._sleep_until_due()
+                    log.exception("cannot read the queue; trying again shortly")
+                    claimed = []
+                for msg in claimed:
+                    self._launch(msg)
+                if len(claimed) == free:
+                    self._poll_due = True  # there may be more: ask again when a slot frees
+            if self._stopping:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_poll - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    def _launch(self, msg: QueuedMessage) -> None:
+        task = asyncio.create_task(self._attempt(msg), name=f"deliver-{msg.id}")
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._wake.set()
-
-    async def _sleep_until_due(self) -> None:
-        timeout = _IDLE_POLL
-        try:
-            due = await asyncio.to_thread(self._spool.next_due)
-        except Exception:
-            due = None
-        if due is not None:
-            timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-        except TimeoutError:
-            pass
 
     async def _attempt(self, msg: QueuedMessage) -> None:
         queue_id.set(msg.id)
@@ -96,7 +111,11 @@ class DeliveryWorker:
         except asyncio.CancelledError:
             await asyncio.to_thread(self._spool.release_active, msg.id)
             raise
-        state = await asyncio.to_thread(self._spool.record, msg, results)
+        try:
+            state = await asyncio.to_thread(self._spool.record, msg, results)
+        except Exception:
+            log.exception("cannot record the delivery results; the message stays queued")
+            return
         for r in results:
             log.info("to=<%s> status=%s reply=%r", r.address, r.state, r.reply)
         log.info("message %s", state)

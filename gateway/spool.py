@@ -151,14 +151,17 @@ class Spool:
         return self._msg / queue_id
 
     def accept(self, sender: str, recipients: Sequence[str], data: bytes, *, account: str | None) -> str:
-        """Store one message durably and return its queue id. Only then may the caller say 250."""
-        return self.accept_batch([Incoming(sender, tuple(recipients), data, account)])[0]
+        """Store one message durably (state `incoming`) and return its queue id. Only then may the caller say 250."""
+        return self.accept_batch([Incoming(sender, tuple(recipients), data, account)], state="incoming")[0].id
 
-    def accept_batch(self, batch: Sequence[Incoming]) -> list[str]:
-        """Store messages durably, sharing one directory fsync and one commit; their queue ids in order.
+    def accept_batch(self, batch: Sequence[Incoming], *, state: Literal["incoming", "active"] = "active"
+                     ) -> list[QueuedMessage]:
+        """Store messages durably, sharing one directory fsync and one commit.
 
         Each file: written to tmp/ and fsynced, then linked into msg/ (in parallel: the device
         merges concurrent flushes). Then msg/ is fsynced once and every row committed at once.
+        By default the rows are born `active`: the caller hands them straight to the delivery
+        worker, and a crash before their delivery puts them back (`recover`).
         """
         ids = [new_queue_id() for _ in batch]
         written = list(self._writers.map(self._write_file, ids, [m.data for m in batch]))
@@ -172,7 +175,7 @@ class Spool:
             _fsync_dir(self._msg)
             with self._engine.begin() as conn:
                 conn.execute(insert(queue), [
-                    {"id": qid, "state": "incoming", "sender": m.sender, "account": m.account, "size": len(m.data),
+                    {"id": qid, "state": state, "sender": m.sender, "account": m.account, "size": len(m.data),
                      "created_at": now, "next_attempt_at": now, "attempts": 0} for qid, m in zip(ids, batch)])
                 conn.execute(insert(queue_recipients), [
                     {"queue_id": qid, "address": r, "state": "pending"}
@@ -181,7 +184,8 @@ class Spool:
             for qid in ids:
                 self.path(qid).unlink(missing_ok=True)
             raise
-        return ids
+        return [QueuedMessage(qid, m.sender, m.account, len(m.data), now, 0, m.recipients)
+                for qid, m in zip(ids, batch)]
 
     def _write_file(self, queue_id: str, data: bytes) -> OSError | None:
         tmp = self._tmp / queue_id
@@ -289,7 +293,8 @@ class Spool:
                     values["state"] = final
                 conn.execute(update(queue_recipients).where(
                     queue_recipients.c.queue_id == msg.id, queue_recipients.c.address == r.address).values(**values))
-            if state == "done" and conn.execute(select(func.count()).where(
+            may_have_failed = msg.attempts > 0 or any(r.state == "failed" for r in results)
+            if state == "done" and may_have_failed and conn.execute(select(func.count()).where(
                     queue_recipients.c.queue_id == msg.id, queue_recipients.c.state == "failed")).scalar_one():
                 state = "failed"  # finished, but a recipient could not be delivered: a DSN is due
             last_error = "; ".join(f"{r.address}: {r.reply}" for r in results if r.state != "done") or None
@@ -348,11 +353,12 @@ class GroupCommitter:
     def __init__(self, spool: Spool, max_batch: int = 64) -> None:
         self._spool = spool
         self._max_batch = max_batch
-        self._pending: list[tuple[Incoming, asyncio.Future[str]]] = []
+        self._pending: list[tuple[Incoming, asyncio.Future[QueuedMessage]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
-    async def accept(self, message: Incoming) -> str:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    async def accept(self, message: Incoming) -> QueuedMessage:
+        """Store `message` durably (born `active`, for the caller to hand to the worker)."""
+        future: asyncio.Future[QueuedMessage] = asyncio.get_running_loop().create_future()
         self._pending.append((message, future))
         if self._drainer is None:
             # Keep the task referenced: the loop holds tasks only weakly.
@@ -364,14 +370,14 @@ class GroupCommitter:
             while self._pending:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
                 try:
-                    ids = await asyncio.to_thread(self._spool.accept_batch, [m for m, _ in batch])
+                    queued = await asyncio.to_thread(self._spool.accept_batch, [m for m, _ in batch])
                 except Exception as exc:  # every waiting session answers 451
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                 else:
-                    for (_, fut), qid in zip(batch, ids):
+                    for (_, fut), msg in zip(batch, queued):
                         if not fut.done():
-                            fut.set_result(qid)
+                            fut.set_result(msg)
         finally:
             self._drainer = None

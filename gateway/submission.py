@@ -19,7 +19,6 @@ import logging
 import re
 import secrets
 import ssl
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +28,20 @@ from config.schema import GatewayConfig
 from gateway.accounts import AccountStore
 from gateway.addresses import AddressError, parse_mailbox
 from gateway.logsetup import conn_id, queue_id
-from gateway.spool import GroupCommitter, Incoming
+from gateway.spool import GroupCommitter, Incoming, QueuedMessage
 
 log = logging.getLogger(__name__)
 
-# aiosmtpd sets the deprecated Session.login_data itself after each AUTH; the warning is its own.
-warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+
+
+class _DropLoginDataWarning(logging.Filter):
+    """aiosmtpd sets its own deprecated Session.login_data after each AUTH and logs a warning each time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Session.login_data is deprecated")
+
+
+logging.getLogger("mail.log").addFilter(_DropLoginDataWarning())
 
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -75,7 +82,7 @@ class SubmissionHandler:
     """The policy of the submission port, as aiosmtpd handler hooks."""
 
     def __init__(self, cfg: GatewayConfig, accounts: AccountStore, spool: GroupCommitter,
-                 on_queued: Callable[[str], None]) -> None:
+                 on_queued: Callable[[QueuedMessage], None]) -> None:
         self._cfg = cfg
         self._accounts = accounts
         self._spool = spool
@@ -131,15 +138,15 @@ class SubmissionHandler:
         qid_hint = secrets.token_hex(4)
         message = self._received_header(session, qid_hint) + data
         try:
-            qid = await self._spool.accept(Incoming(envelope.mail_from, tuple(envelope.rcpt_tos), message,
-                                                    session.auth_data))
+            queued = await self._spool.accept(Incoming(envelope.mail_from, tuple(envelope.rcpt_tos), message,
+                                                       session.auth_data))
         except Exception:
             log.exception("the spool could not take the message")
             return "451 4.3.0 The message could not be queued; please try again later"
-        queue_id.set(qid)
+        queue_id.set(queued.id)
         log.info("queued: %d bytes, %d recipient(s)", len(message), len(envelope.rcpt_tos))
-        self._on_queued(qid)
-        return f"250 2.0.0 Ok: queued as {qid}"
+        self._on_queued(queued)
+        return f"250 2.0.0 Ok: queued as {queued.id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session error: %s: %s", type(error).__name__, error)

@@ -116,8 +116,11 @@ def test_recover_marks_rows_without_files_as_delivered(spool: Spool, engine: Eng
 
 async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Engine) -> None:
     committer = GroupCommitter(spool)
-    ids = await asyncio.gather(*(committer.accept(Incoming("a@x.test", ("b@x.test",), MSG + bytes([65 + i]), None))
-                                 for i in range(20)))
+    msgs = await asyncio.gather(*(committer.accept(Incoming("a@x.test", ("b@x.test",), MSG + bytes([65 + i]), None))
+                                  for i in range(20)))
+    ids = [m.id for m in msgs]
+    assert all(m.pending == ("b@x.test",) and m.attempts == 0 for m in msgs)
+    assert spool.claim_due(100) == []  # born active: they belong to the worker they were handed to
     assert len(set(ids)) == 20
     for i, qid in enumerate(ids):
         assert spool.read(qid) == MSG + bytes([65 + i])

@@ -69,7 +69,7 @@ async def _start(tmp: Path, pki: DevPki, **limits: float) -> tuple[asyncio.Serve
     accounts.add(BOB, "bob's long password")
     spool = Spool(cfg.spool.dir, engine)
     queued: list[str] = []
-    handler = SubmissionHandler(cfg, accounts, GroupCommitter(spool), queued.append)
+    handler = SubmissionHandler(cfg, accounts, GroupCommitter(spool), lambda m: queued.append(m.id))
     server = await start_submission(cfg, handler, server_context(cfg.tls))
     port = server.sockets[0].getsockname()[1]
     return server, Server(port, spool, str(pki.ca_bundle), queued)
