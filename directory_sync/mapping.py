@@ -61,8 +61,8 @@ def hash64(digest: bytes) -> int:
 class EntitySpec:
     """One table fed by an extract.
 
-    key_header None means the row has no identifier: the key is a digest of the content
-    (plus the owner's idNat_PS, so that the key is stable), and a change is delete + insert.
+    key_header None means the row has no identifier: the key is the owner's idNat_PS (the
+    first field) followed by a digest of the content, and a change is delete + insert.
     """
 
     name: str
@@ -138,7 +138,8 @@ class BoundEntity:
                 raise RowRejected(reason)
         digest = hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
         if self._key_pos is None:
-            key: str | None = digest.hex()
+            # Owner first, so that a file sorted by practitioner inserts in key order.
+            key: str | None = (values[0] or "") + digest[:6].hex()
         else:
             key = row[self._key_pos].strip()
             if spec.normalise_key is not None and key:
