@@ -12,14 +12,21 @@ PYTEST_ARGS ?=
 
 # pyscard builds against libpcsclite-dev; pcscd + vsmartcard-vpcd run the virtual CPS card;
 # Dovecot serves the mailboxes; libnss3-tools and openssl are the S/MIME interop peers.
-DEBS := libpcsclite-dev pcscd vsmartcard-vpcd pcsc-tools \
+# iproute2 and util-linux put pcscd in a loopback-only network namespace (vpcd listens on every interface).
+DEBS := libpcsclite-dev pcscd vsmartcard-vpcd pcsc-tools iproute2 util-linux procps \
         dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sqlite dovecot-pgsql \
         libnss3-tools openssl ca-certificates
 
-.PHONY: run test lint bench fuzz setup debs venv mail-user dev-setup clean
+DEV_RPPS := 10001234567
 
-run: setup dev-setup
-	exec $(PY) -m gateway.cli -c $(CONFIG) run
+.PHONY: run test lint bench setup debs venv mail-user dev-setup pcsc-up pcsc-down clean
+
+# The virtual CPS card of the first practitioner sits in "Gateway Test PCD 00 00" while the gateway runs;
+# Ctrl-C stops the gateway, then the card and pcscd.
+run: setup dev-setup pcsc-up
+	@trap '$(PY) -m cps.devstack down --state-dir var/pcsc >/dev/null' EXIT; \
+	trap : INT TERM; \
+	$(PY) -m gateway.cli -c $(CONFIG) run
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -36,6 +43,12 @@ setup: debs venv mail-user
 
 dev-setup: setup
 	$(PY) -m gateway.cli -c $(CONFIG) dev-setup
+
+pcsc-up: dev-setup
+	$(PY) -m cps.devstack up --state-dir var/pcsc --pki var/pki --rpps $(DEV_RPPS)
+
+pcsc-down:
+	@test ! -x $(PY) || $(PY) -m cps.devstack down --state-dir var/pcsc
 
 debs:
 	@missing=""; \
@@ -75,5 +88,5 @@ mail-user:
 	    exit 1; \
 	  fi; }
 
-clean:
+clean: pcsc-down
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -134,6 +134,9 @@ def gateway(dovecot_binary: Path, dev_pki_dir: Path) -> Iterator[GatewayProcess]
     yield gw
     if gw.proc is not None and gw.proc.poll() is None:
         gw.interrupt()
+    pidfile = root / "dc" / "master.pid"  # a Dovecot orphaned by a SIGKILLed gateway that did not restart
+    if pidfile.exists():
+        subprocess.run(["pkill", "-F", str(pidfile), "-f", "mssgw-dovecot.conf"], check=False)
     shutil.rmtree(root, ignore_errors=True)
 
 
