@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from asn1crypto import algos, cms, core
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -213,11 +212,11 @@ def _decrypt_cbc(cek: bytes, iv: object, ciphertext: bytes) -> bytes:
         raise DecryptionFailed(f"ciphertext of {len(ciphertext)} bytes is not a whole number of AES blocks")
     decryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).decryptor()
     padded = decryptor.update(ciphertext) + decryptor.finalize()
-    unpadder = sym_padding.PKCS7(128).unpadder()
-    try:
-        return unpadder.update(padded) + unpadder.finalize()
-    except ValueError:
-        raise DecryptionFailed("bad CBC padding: wrong key or corrupted ciphertext") from None
+    # PKCS#7 padding (RFC 5652 §6.3); a bad pad says wrong key or damage, and says nothing more.
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes((pad,)) * pad:
+        raise DecryptionFailed("bad CBC padding: wrong key or corrupted ciphertext")
+    return padded[:-pad]
 
 
 def _decrypt_gcm(cek: bytes, params: core.Any, ciphertext: bytes, auth: cms.AuthEnvelopedData) -> bytes:

@@ -119,13 +119,13 @@ def split_message(message: bytes) -> tuple[list[bytes], bytes]:
             outer.append(field)
     if not inner:
         inner = [b"Content-Type: text/plain; charset=us-ascii\r\n"]
-    return outer, to_crlf(b"".join(inner)) + CRLF + body
+    return outer, b"".join([to_crlf(b"".join(inner)), CRLF, body])
 
 
 def join_message(outer: list[bytes], entity: bytes) -> bytes:
     """An RFC 5322 message from outer fields and a MIME entity (the reverse of split_message)."""
     fields = [to_crlf(f if f.endswith((b"\n", b"\r")) else f + CRLF) for f in outer]
-    return b"".join(fields) + b"MIME-Version: 1.0\r\n" + entity
+    return b"".join([*fields, b"MIME-Version: 1.0\r\n", entity])
 
 
 _EIGHT_BIT_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binary)")
@@ -134,7 +134,7 @@ _EIGHT_BIT_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binar
 def _needs_reencoding(entity: bytes) -> bool:
     if not entity.isascii() or b"\0" in entity or _EIGHT_BIT_CTE.search(entity):
         return True
-    return max(map(len, entity.splitlines()), default=0) > MAX_LINE
+    return any(len(line) > MAX_LINE + 2 for line in io.BytesIO(entity))  # one line at a time, CRLF included
 
 
 def canonicalize(entity: bytes) -> bytes:
@@ -168,9 +168,18 @@ def canonicalize(entity: bytes) -> bytes:
     return to_crlf(out.getvalue())
 
 
+def base64_pieces(data: bytes) -> list[bytes]:
+    """Base64 in 76-character CRLF lines (RFC 2045 §6.8), as pieces for one final join."""
+    view = memoryview(data)
+    pieces: list[bytes] = []
+    for i in range(0, len(data), 57):
+        pieces.append(binascii.b2a_base64(view[i:i + 57], newline=False))
+        pieces.append(CRLF)
+    return pieces
+
+
 def base64_lines(data: bytes) -> bytes:
-    """Base64 in 76-character CRLF lines (RFC 2045 §6.8)."""
-    return base64.encodebytes(data).replace(b"\n", CRLF)
+    return b"".join(base64_pieces(data))
 
 
 def new_boundary(content: bytes) -> str:
@@ -186,13 +195,13 @@ def build_multipart_signed(content: bytes, signature: bytes, micalg: str) -> byt
     head = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg={micalg};\r\n'
             f' boundary="{boundary}"\r\n\r\n'
             "This is an S/MIME signed message\r\n\r\n").encode()
-    sig_part = (b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+    sig_head = (b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
                 b"Content-Transfer-Encoding: base64\r\n"
                 b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
-                b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n") + base64_lines(signature)
+                b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n")
     b = boundary.encode()
-    return (head + b"--" + b + CRLF + content + CRLF + b"--" + b + CRLF + sig_part + CRLF
-            + b"--" + b + b"--" + CRLF)
+    return b"".join([head, b"--", b, CRLF, content, CRLF, b"--", b, CRLF, sig_head, base64_lines(signature), CRLF,
+                     b"--", b, b"--", CRLF])
 
 
 def build_pkcs7_mime(der: bytes, smime_type: str) -> bytes:
@@ -201,7 +210,7 @@ def build_pkcs7_mime(der: bytes, smime_type: str) -> bytes:
     head = (f'Content-Type: application/pkcs7-mime; smime-type={smime_type}; name="{name}"\r\n'
             "Content-Transfer-Encoding: base64\r\n"
             f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
-    return head + base64_lines(der)
+    return b"".join([head, *base64_pieces(der)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +263,7 @@ def decode_body(block: bytes, body: bytes) -> bytes:
     cte = (get_header(block, "content-transfer-encoding") or "7bit").lower()
     if cte == "base64":
         try:
-            return base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+            return binascii.a2b_base64(body)  # line breaks and other non-alphabet bytes are skipped (RFC 2045 §6.8)
         except (binascii.Error, ValueError) as exc:
             raise MalformedMessage(f"base64 body does not decode: {exc}") from None
     if cte == "quoted-printable":
