@@ -32,7 +32,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check gateway smime cps directory_sync config tests bench
+	$(VENV)/bin/ruff check --line-length 120 gateway smime cps directory_sync config tests bench
 	$(VENV)/bin/mypy gateway smime cps directory_sync config
 	$(VENV)/bin/lint-imports
 

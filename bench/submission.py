@@ -34,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config.schema import DatabaseConfig  # noqa: E402
-from gateway.accounts import AccountStore  # noqa: E402
-from gateway.db import create_tables, make_engine  # noqa: E402
-from gateway.devpki import create_dev_pki  # noqa: E402
+from config.schema import DatabaseConfig
+from gateway.accounts import AccountStore
+from gateway.db import create_tables, make_engine
+from gateway.devpki import create_dev_pki
 
 DOMAIN = "dev.mssante.test"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
@@ -272,10 +272,10 @@ def main() -> None:
         print(f"{'clients':>7}  {'gateway msg/s':>13}  {'bare aiosmtpd msg/s':>19}  {'ratio':>6}  {'target':>6}"
               f"  {'Dovecot LMTP alone':>18}  {'gateway/LMTP':>12}")
         for clients in (1, 8):
-            g = measure("gateway", lambda: run_gateway(gw, clients, args.messages, args.size), args.repeats)
-            b = measure("bare", lambda: run_bare(bare_port, pki.ca_bundle, clients, args.messages, args.size),
+            g = measure("gateway", lambda c=clients: run_gateway(gw, c, args.messages, args.size), args.repeats)
+            b = measure("bare", lambda c=clients: run_bare(bare_port, pki.ca_bundle, c, args.messages, args.size),
                         args.repeats)
-            d = measure("lmtp", lambda: run_lmtp_only(gw, clients, args.messages, args.size), args.repeats)
+            d = measure("lmtp", lambda c=clients: run_lmtp_only(gw, c, args.messages, args.size), args.repeats)
             print(f"{clients:>7}  {g:>13.1f}  {b:>19.1f}  {g / b:>6.0%}  {'>= 60%':>6}  {d:>18.1f}  {g / d:>12.0%}")
         lat = imap_latency(gw, args.latency_samples, args.size)
         print(f"latency, end of DATA to readable over IMAP (NOOP polling): median {statistics.median(lat) * 1000:.1f} ms, "

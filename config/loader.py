@@ -13,8 +13,8 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal, TypeVar, Union
+from urllib.parse import urlsplit
 
 from config.errors import ConfigError
 from config.schema import DatabaseConfig, GatewayConfig, SecretRef

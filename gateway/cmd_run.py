@@ -22,8 +22,8 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gateway.app import serve  # noqa: PLC0415
-    from gateway.logsetup import setup_logging  # noqa: PLC0415
+    from gateway.app import serve
+    from gateway.logsetup import setup_logging
 
     cfg = load(args.config)
     setup_logging(cfg.logging)
@@ -53,9 +53,9 @@ def _print_banner(cfg: GatewayConfig) -> None:
 
 
 def _dev_setup(args: argparse.Namespace) -> int:
-    from gateway.accounts import AccountStore  # noqa: PLC0415
-    from gateway.db import create_tables, make_engine  # noqa: PLC0415
-    from gateway.devpki import create_dev_pki  # noqa: PLC0415
+    from gateway.accounts import AccountStore
+    from gateway.db import create_tables, make_engine
+    from gateway.devpki import create_dev_pki
 
     cfg = load(args.config)
     if cfg.tls.ca is None and args.pki_dir is None:

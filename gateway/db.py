@@ -49,7 +49,7 @@ def make_engine(cfg: DatabaseConfig, *, durable: bool = True) -> Engine:
 def create_tables(engine: Engine) -> None:
     """Create the gateway's tables if missing (the accounts and queue schemas are additive)."""
     # Importing the modules registers their tables on `metadata`.
-    from gateway import accounts, spool  # noqa: F401, PLC0415
+    from gateway import accounts, spool  # noqa: F401
 
     metadata.create_all(engine)
 

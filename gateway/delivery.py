@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.logsetup import queue_id
-from gateway.spool import QueuedMessage, RecipientResult, Spool
+from gateway.spool import Outcome, QueuedMessage, RecipientResult, Spool
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,12 @@ class DeliveryWorker:
         try:
             data = await asyncio.to_thread(self._spool.read, msg.id)
             replies = await self._deliver(msg.sender, msg.pending, data)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the message waits for its next attempt
             log.warning("delivery attempt failed: %s", exc)
             return [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in msg.pending]
         results = []
         for rcpt in msg.pending:
             code, text = replies.get(rcpt, (451, "4.4.0 no reply for this recipient"))
-            state = "done" if 200 <= code < 300 else "retry" if code < 500 else "failed"
+            state: Outcome = "done" if 200 <= code < 300 else "retry" if code < 500 else "failed"
             results.append(RecipientResult(rcpt, state, f"{code} {text}"))
         return results

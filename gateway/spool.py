@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 State = Literal["incoming", "active", "deferred", "hold", "done", "failed"]
 RecipientState = Literal["pending", "done", "failed"]
+Outcome = Literal["done", "failed", "retry"]  # of one delivery attempt, for one recipient
 
 queue = Table(
     "queue",
@@ -104,7 +105,7 @@ class QueuedMessage:
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
     address: str
-    state: Literal["done", "failed", "retry"]
+    state: Outcome
     reply: str
 
 
@@ -371,7 +372,7 @@ class GroupCommitter:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
                 try:
                     queued = await asyncio.to_thread(self._spool.accept_batch, [m for m, _ in batch])
-                except Exception as exc:  # every waiting session answers 451
+                except Exception as exc:  # noqa: BLE001 - every waiting session answers 451
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)

@@ -99,7 +99,7 @@ class SubmissionHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        account: str = session.auth_data
+        account = str(session.auth_data)  # AUTH is required before MAIL: always set here
         if not address or address == "<>":
             return "553 5.7.1 A client cannot send with the null sender"
         try:
@@ -138,7 +138,7 @@ class SubmissionHandler:
         qid_hint = secrets.token_hex(4)
         message = self._received_header(session, qid_hint) + data
         try:
-            queued = await self._spool.accept(Incoming(envelope.mail_from, tuple(envelope.rcpt_tos), message,
+            queued = await self._spool.accept(Incoming(str(envelope.mail_from), tuple(envelope.rcpt_tos), message,
                                                        session.auth_data))
         except Exception:
             log.exception("the spool could not take the message")
@@ -192,6 +192,7 @@ class SubmissionSMTP(SMTP):
         if self.transport is None:  # the first call; a second one follows STARTTLS
             if self._limiter.active >= self._limiter.limit:
                 self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")
                 transport.close()
                 return

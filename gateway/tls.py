@@ -9,12 +9,12 @@ import ssl
 from config.schema import TLSConfig
 from gateway.errors import GatewayError
 
-MSSANTE_TLS12_CIPHERS = ":".join((
-    "ECDHE-RSA-AES256-GCM-SHA384",   # 0xC030
-    "ECDHE-RSA-AES128-GCM-SHA256",   # 0xC02F
-    "ECDHE-RSA-AES256-SHA384",       # 0xC028
-    "ECDHE-RSA-AES128-SHA256",       # 0xC027
-))
+MSSANTE_TLS12_CIPHERS = (
+    "ECDHE-RSA-AES256-GCM-SHA384:"   # 0xC030
+    "ECDHE-RSA-AES128-GCM-SHA256:"   # 0xC02F
+    "ECDHE-RSA-AES256-SHA384:"       # 0xC028
+    "ECDHE-RSA-AES128-SHA256"        # 0xC027
+)
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.schema import DatabaseConfig
 from gateway.db import create_tables, make_engine
 from gateway.spool import (
     MAX_QUEUE_LIFETIME,
+    RETRY_SCHEDULE,
     GroupCommitter,
     Incoming,
-    RETRY_SCHEDULE,
     RecipientResult,
     Spool,
     next_delay,
@@ -131,6 +132,6 @@ async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Eng
 def test_failed_commit_leaves_no_file(spool: Spool, engine: Engine, tmp_path: Path) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE queue_recipients")
-    with pytest.raises(Exception):
+    with pytest.raises(SQLAlchemyError):
         spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
     assert list((tmp_path / "spool" / "msg").iterdir()) == []

@@ -106,7 +106,7 @@ async def test_before_starttls_no_auth_and_no_mail(srv: Server) -> None:
         assert not c.has_extn("auth")
         assert c.has_extn("starttls")
         assert c.mail(ALICE) == (530, b"5.7.0 Must issue a STARTTLS command first")
-        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{ALICE}\0{PW}".encode()).decode())
+        code, _ = c.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{ALICE}\0{PW}".encode()).decode())
         assert code == 530
         c.close()
     await run(scenario)
@@ -252,3 +252,18 @@ async def test_tls_below_1_2_is_refused(srv: Server) -> None:
         with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
             c.starttls(context=ctx)
     await run(scenario)
+
+
+async def test_idle_client_is_disconnected(tmp_path: Path, dev_pki: DevPki) -> None:
+    server, s = await _start(tmp_path, dev_pki, idle_timeout=0.5)
+
+    def scenario() -> bytes:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as raw:
+            greeting = raw.recv(200)
+            assert greeting.startswith(b"220 ")
+            return raw.recv(200)  # nothing sent: the server closes after the idle timeout
+    try:
+        assert await run(scenario) == b""
+    finally:
+        server.close()
+        await server.wait_closed()
