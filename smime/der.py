@@ -97,3 +97,36 @@ ENCRYPTION_KEY_PREFERENCE = "1.2.840.113549.1.9.16.2.11"
 def attribute(type_oid: str, value: bytes) -> bytes:
     """An Attribute (RFC 5652 §5.3) with one value."""
     return sequence(oid(type_oid), set_of(value))
+
+
+def read_header(buf: memoryview, pos: int, end: int) -> tuple[int, int, int] | None:
+    """The tag, content start and content end of the definite-length TLV at `pos`; None for BER's
+    indefinite length, a multi-byte tag or a length that runs past `end` (the caller falls back to asn1crypto)."""
+    if pos + 2 > end:
+        return None
+    tag, first = buf[pos], buf[pos + 1]
+    if tag & 0x1F == 0x1F:
+        return None
+    if first < 0x80:
+        start, size = pos + 2, first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 8 or pos + 2 + count > end:
+            return None
+        start, size = pos + 2 + count, int.from_bytes(buf[pos + 2:pos + 2 + count], "big")
+    if start + size > end:
+        return None
+    return tag, start, start + size
+
+
+def children(buf: memoryview, start: int, end: int) -> list[tuple[int, int, int, int]] | None:
+    """The (tag, header start, content start, content end) of each TLV in [start, end), or None if not DER."""
+    out = []
+    pos = start
+    while pos < end:
+        tlv_ = read_header(buf, pos, end)
+        if tlv_ is None:
+            return None
+        out.append((tlv_[0], pos, tlv_[1], tlv_[2]))
+        pos = tlv_[2]
+    return out

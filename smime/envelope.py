@@ -140,8 +140,46 @@ async def decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
         return await _decrypt_content(der, decrypter)
 
 
-async def _decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
-    info = load_content_info(der)
+def _hollow(data: bytes) -> tuple[bytes, memoryview] | None:
+    """Split a DER (Auth)EnvelopedData into a skeleton without its ciphertext, and the ciphertext itself.
+
+    asn1crypto copies the contents of every level it parses, five times over for the ciphertext; parsing
+    only the skeleton keeps a large message to one copy (the plaintext). BER input (indefinite lengths,
+    a constructed OCTET STRING) returns None and is parsed whole.
+    """
+    buf = memoryview(data)
+    top = der.read_header(buf, 0, len(buf))
+    if top is None or top[0] != der.SEQUENCE or top[2] != len(buf):
+        return None
+    ci = der.children(buf, top[1], top[2])
+    if ci is None or len(ci) != 2 or ci[1][0] != 0xA0:
+        return None
+    inner = der.children(buf, ci[1][2], ci[1][3])
+    if inner is None or len(inner) != 1 or inner[0][0] != der.SEQUENCE:
+        return None
+    body = der.children(buf, inner[0][2], inner[0][3])
+    if body is None:
+        return None
+    tags = [c[0] for c in body]
+    if der.SET not in tags or tags.index(der.SET) + 1 >= len(tags):
+        return None
+    eci_index = tags.index(der.SET) + 1
+    eci = body[eci_index]
+    fields = der.children(buf, eci[2], eci[3])
+    if eci[0] != der.SEQUENCE or fields is None or len(fields) != 3 or fields[2][0] != 0x80:
+        return None
+    ciphertext = buf[fields[2][2]:fields[2][3]]
+    new_eci = der.tlv(der.SEQUENCE, bytes(buf[fields[0][1]:fields[2][1]]), b"\x80\x00")
+    before = bytes(buf[body[0][1]:eci[1]]) if eci_index else b""
+    after = bytes(buf[eci[3]:inner[0][3]])
+    skeleton = der.tlv(der.SEQUENCE, bytes(buf[ci[0][1]:ci[0][3]]),
+                       der.tlv(0xA0, der.tlv(der.SEQUENCE, before, new_eci, after)))
+    return skeleton, ciphertext
+
+
+async def _decrypt_content(der_bytes: bytes, decrypter: Decrypter) -> Decrypted:
+    hollowed = _hollow(der_bytes)
+    info = load_content_info(hollowed[0] if hollowed else der_bytes)
     kind = info["content_type"].native
     if kind == "enveloped_data":
         eci = info["content"]["encrypted_content_info"]
@@ -161,7 +199,7 @@ async def _decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
         raise UnsupportedAlgorithm(str(alg["algorithm"].native), "content encryption")
     if len(cek) != spec.key_size:
         raise DecryptionFailed(f"unwrapped key has {len(cek)} bytes, {spec.name} needs {spec.key_size}")
-    ciphertext = eci["encrypted_content"].native
+    ciphertext = hollowed[1] if hollowed else eci["encrypted_content"].native
     if ciphertext is None:
         raise MalformedCms("encrypted content is absent (detached ciphertext is not supported)")
     if kind == "enveloped_data":
@@ -205,7 +243,7 @@ def _key_transport(alg: cms.KeyEncryptionAlgorithm) -> tuple[KeyTransportPadding
     raise UnsupportedAlgorithm(str(name), "key transport")
 
 
-def _decrypt_cbc(cek: bytes, iv: object, ciphertext: bytes) -> bytes:
+def _decrypt_cbc(cek: bytes, iv: object, ciphertext: bytes | memoryview) -> bytes:
     if not isinstance(iv, bytes) or len(iv) != 16:
         raise MalformedCms("AES-CBC parameters must be a 16-byte IV (RFC 3565 §4.1)")
     if len(ciphertext) % 16 or not ciphertext:
@@ -219,7 +257,7 @@ def _decrypt_cbc(cek: bytes, iv: object, ciphertext: bytes) -> bytes:
     return padded[:-pad]
 
 
-def _decrypt_gcm(cek: bytes, params: core.Any, ciphertext: bytes, auth: cms.AuthEnvelopedData) -> bytes:
+def _decrypt_gcm(cek: bytes, params: core.Any, ciphertext: bytes | memoryview, auth: cms.AuthEnvelopedData) -> bytes:
     try:
         gcm = GCMParameters.load(params.dump())
         nonce = gcm["aes_nonce"].native

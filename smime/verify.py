@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from asn1crypto import cms
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupported
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
@@ -167,7 +168,10 @@ def _verify_signer(signed: cms.SignedData, si: cms.SignerInfo, cert: x509.Certif
                    certs: list[x509.Certificate], content: bytes, detached: bool, *, trust: TrustStore,
                    at: datetime.datetime | None, policy: ValidationPolicy, micalg: str | None, sender: str | None,
                    identity_check: IdentityCheck | None) -> VerificationReport:
-
+    try:
+        cert.public_key()
+    except (CryptographyUnsupported, ValueError):
+        raise UnsupportedAlgorithm(f"the public key of {name_of(cert)}", "signer key") from None
     digest_name = str(si["digest_algorithm"]["algorithm"].native)
     sig_name = str(si["signature_algorithm"]["algorithm"].native)
     attrs = si["signed_attrs"]
