@@ -105,3 +105,18 @@ async def test_large_message_goes_through_the_worker_thread(jeanne_sign, jeanne_
     assert len(sealed) > OFFLOAD_BYTES
     opened = await open_message(sealed, decrypter=paul_auth, trust=trust)
     assert opened.reports[0].valid and opened.message == big
+
+
+@pytest.mark.parametrize("cipher", ["aes256-cbc", "aes256-gcm"])
+def test_ciphertext_is_cut_out_before_parsing(paul_auth, cipher):
+    """DER input is parsed around its ciphertext (one copy of a large message), BER input whole."""
+    from smime.envelope import _hollow
+    der = encrypt_content(b"x" * 5000, [paul_auth.certificate], cipher=cipher)
+    hollowed = _hollow(der)
+    assert hollowed is not None
+    skeleton, ciphertext = hollowed
+    assert len(skeleton) < 1000 and len(ciphertext) >= 5000 and bytes(ciphertext) in der
+    original, cut = cms.ContentInfo.load(der), cms.ContentInfo.load(skeleton)
+    assert cut["content"]["recipient_infos"].dump() == original["content"]["recipient_infos"].dump()
+    ber = b"\x30\x80" + der[4:] + b"\x00\x00"  # the same with an indefinite outer length
+    assert _hollow(ber) is None
