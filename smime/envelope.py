@@ -212,6 +212,7 @@ async def _decrypt_content(der_bytes: bytes, decrypter: Decrypter) -> Decrypted:
             raise UnsupportedAlgorithm(f"{spec.name} inside AuthEnvelopedData", "content encryption")
         content = _decrypt_gcm(cek, alg["parameters"], ciphertext, info["content"])
     recipients = len(info["content"]["recipient_infos"])
+    log.debug("decrypted %s, %s, key transport %s, %d recipients", kind, spec.name, padding, recipients)
     return Decrypted(content, kind, spec.name, padding if padding == "pkcs1v15" else f"oaep-{oaep_hash}",
                      recipients)
 

@@ -231,4 +231,5 @@ async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: Tr
             entity = to_crlf(decrypted.content)
         if not entity.strip():
             raise MalformedMessage(f"the {layers[-1].kind} layer holds no MIME entity")
+    log.debug("opened %d S/MIME layers: %s", len(layers), ", ".join(layer.detail for layer in layers) or "none")
     return OpenedMessage(tuple(outer), entity, tuple(layers), sender)
