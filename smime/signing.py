@@ -57,6 +57,15 @@ def _signature_algorithm(padding: SignaturePadding, hash_name: HashName) -> byte
     return der
 
 
+def _can_encrypt(cert: x509.Certificate) -> bool:
+    """Whether keyUsage lets this certificate receive encrypted keys (RFC 8550 §4.4.2): a CPS signature
+    certificate (nonRepudiation only) must not be named in SMIMEEncryptionKeyPreference."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment)
+    except x509.ExtensionNotFound:
+        return True
+
+
 def signed_attributes(content_digest: bytes, *, signing_time: datetime.datetime,
                       encryption_certificate: x509.Certificate | None) -> bytes:
     """The DER `SET OF` signed attributes (RFC 5652 §5.3, RFC 8551 §2.5), sorted as DER wants (X.690 §11.6)."""
@@ -84,8 +93,9 @@ async def build_signed_data(content: bytes, signer: Signer, *, hash_name: HashNa
     digest = hashes.Hash(hash_algorithm(hash_name))
     digest.update(content)
     when = signing_time or datetime.datetime.now(datetime.UTC)
-    attrs = signed_attributes(digest.finalize(), signing_time=when,
-                              encryption_certificate=encryption_certificate or signer.certificate)
+    if encryption_certificate is None and _can_encrypt(signer.certificate):
+        encryption_certificate = signer.certificate
+    attrs = signed_attributes(digest.finalize(), signing_time=when, encryption_certificate=encryption_certificate)
     signature = await signer.sign(attrs, hash_name=hash_name, padding=padding)
     signer_info = der.sequence(
         der.integer(1),

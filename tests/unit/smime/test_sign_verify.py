@@ -141,3 +141,18 @@ async def test_async_identity_hook(jeanne_sign, trust, message):
     bad = (await open_message(signed, decrypter=None, trust=trust, identity_check=rpps_lookup)).reports[0]
     assert [c.name for c in bad.failures] == ["sender"]
     assert isinstance(bad.check("sender").error, SenderMismatch)
+
+
+async def test_encryption_key_preference_names_an_encryption_certificate(jeanne_sign, jeanne_auth, message):
+    """The CPS signature certificate is nonRepudiation-only: it is never advertised as an encryption key."""
+    from asn1crypto import cms as asn1_cms
+
+    def preference(signed):
+        parts = split_multipart_signed(split_message(signed)[1])
+        si = asn1_cms.ContentInfo.load(parts.signature)["content"]["signer_infos"][0]
+        return {a["type"].native: a["values"][0] for a in si["signed_attrs"]}.get("encrypt_key_pref")
+
+    assert preference(await sign_message(message, jeanne_sign)) is None
+    pref = preference(await sign_message(message, jeanne_sign, encryption_certificate=jeanne_auth.certificate))
+    assert pref.chosen["serial_number"].native == jeanne_auth.certificate.serial_number
+    assert preference(await sign_message(message, jeanne_auth)) is not None  # keyEncipherment: itself
