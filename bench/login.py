@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import DatabaseConfig  # noqa: E402
-from gateway.accounts import AccountStore  # noqa: E402
-from gateway.db import create_tables, make_engine  # noqa: E402
+from config.schema import DatabaseConfig
+from gateway.accounts import AccountStore
+from gateway.db import create_tables, make_engine
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
             hashlib.sha256(b"a long enough password").digest()
             floor.append(time.perf_counter() - t)
         engine.dispose()
-    ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+    ms = lambda xs: statistics.median(xs) * 1000
     print(f"login check (Argon2id t=2 m=19MiB p=1 + SQL), median of {args.rounds}:")
     print(f"  good password     {ms(ok):7.1f} ms   (target: well under 100 ms)")
     print(f"  unknown account   {ms(bad):7.1f} ms   (same cost by design: no account enumeration by timing)")

@@ -25,7 +25,7 @@ def pg_database() -> Iterator[str]:
     """
     try:
         admin = _pg_admin()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no PostgreSQL server at {PG_ADMIN_URL}: {exc}")
