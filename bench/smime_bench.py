@@ -37,7 +37,7 @@ from smime.message import open_message, sign_and_encrypt
 
 def message(size: int) -> bytes:
     """A plain-text message of about `size` bytes, 76-character lines."""
-    line = b"Compte rendu de consultation: examen clinique normal, pas de traitement.  \r\n"[:74] + b"\r\n"
+    line = b"Compte rendu de consultation: examen clinique normal, pas de traitement particulier.\r\n"
     body = line * (size // len(line) + 1)
     return (b"From: Jeanne EXEMPLE <jeanne.exemple@dev.mssante.test>\r\nTo: paul.testeur@dev.mssante.test\r\n"
             b"Subject: bench\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n" + body[:size])

@@ -131,8 +131,19 @@ def join_message(outer: list[bytes], entity: bytes) -> bytes:
 _EIGHT_BIT_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binary)")
 
 
+# What hops rewrite (RFC 8551 §3.1.1, §3.1.3): trailing white space is stripped, "From " at the start of a
+# line becomes ">From " in mbox stores. Quoted-printable protects both. Plain substring tests: a regex
+# over a 1 MB body costs tens of milliseconds.
+_TRAILING_SPACE = (b" \r\n", b"\t\r\n", b" \n", b"\t\n")
+
+
 def _needs_reencoding(entity: bytes) -> bool:
-    if not entity.isascii() or b"\0" in entity or _EIGHT_BIT_CTE.search(entity):
+    if not entity.isascii() or b"\0" in entity:
+        return True
+    if any(s in entity for s in _TRAILING_SPACE) or entity.startswith(b"From ") or b"\nFrom " in entity:
+        return True
+    lower = entity.lower()
+    if (b"8bit" in lower or b"binary" in lower) and _EIGHT_BIT_CTE.search(entity):
         return True
     return any(len(line) > MAX_LINE + 2 for line in io.BytesIO(entity))  # one line at a time, CRLF included
 
@@ -140,8 +151,9 @@ def _needs_reencoding(entity: bytes) -> bool:
 def canonicalize(entity: bytes) -> bytes:
     """The canonical, 7-bit form of a MIME entity, ready to be signed (RFC 8551 §3.1.1, §3.1.3).
 
-    CRLF line endings; 8-bit or over-long leaves re-encoded (text as quoted-printable, the rest as
-    base64) so that no later hop needs to touch the signed bytes. A 7-bit entity only gets CRLF.
+    CRLF line endings; leaves that are 8-bit, over-long, or carry trailing white space or "From " lines
+    re-encoded (text as quoted-printable, the rest as base64) so that no later hop needs to touch the
+    signed bytes. Any other entity only gets CRLF.
     """
     if not _needs_reencoding(entity):
         return to_crlf(entity)
@@ -158,7 +170,8 @@ def canonicalize(entity: bytes) -> bytes:
         del part["Content-Transfer-Encoding"]
         if part.get_content_maintype() == "text":
             text = payload.replace(b"\r\n", b"\n")
-            part.set_payload(quopri.encodestring(text).decode("ascii"))
+            encoded = re.sub(rb"(?m)^From ", b"=46rom ", quopri.encodestring(text))
+            part.set_payload(encoded.decode("ascii"))
             part["Content-Transfer-Encoding"] = "quoted-printable"
         else:
             part.set_payload(base64.encodebytes(payload).decode("ascii"))

@@ -156,3 +156,17 @@ async def test_encryption_key_preference_names_an_encryption_certificate(jeanne_
     pref = preference(await sign_message(message, jeanne_sign, encryption_certificate=jeanne_auth.certificate))
     assert pref.chosen["serial_number"].native == jeanne_auth.certificate.serial_number
     assert preference(await sign_message(message, jeanne_auth)) is not None  # keyEncipherment: itself
+
+
+async def test_fragile_lines_are_protected(jeanne_sign, trust):
+    """Trailing spaces and "From " lines, which hops rewrite, are quoted-printable-encoded before signing."""
+    entity = b"Content-Type: text/plain\r\n\r\nFrom the lab:   \r\nresults attached\t\r\n"
+    parts = split_multipart_signed(await sign_entity(entity, jeanne_sign))
+    body = parts.content.split(b"\r\n\r\n", 1)[1]
+    assert b"=46rom the lab:  =20" in body and b"attached=09" in body
+    assert not any(line.endswith((b" ", b"\t")) or line.startswith(b"From ") for line in body.split(b"\r\n"))
+    report = verify_signed_data(parts.signature, parts.content, trust=trust, micalg=parts.micalg,
+                                identity_check=None)
+    assert report.valid
+    import quopri
+    assert quopri.decodestring(body) == b"From the lab:   \r\nresults attached\t\r\n"
