@@ -27,7 +27,7 @@ import pytest
 
 from config.schema import DatabaseConfig
 from gateway.accounts import AccountStore
-from gateway.db import create_tables, make_engine
+from gateway.db import create_tables, make_engine, metadata
 
 DOMAIN = "dev.mssante.test"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
@@ -51,8 +51,9 @@ def short_tmpdir() -> Path:
 class GatewayProcess:
     """`python -m gateway.cli -c CONFIG run` in its own process, with its log in a file."""
 
-    def __init__(self, root: Path, pki: Path) -> None:
+    def __init__(self, root: Path, pki: Path, database_url: str | None = None) -> None:
         self.root = root
+        self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
         self.smtp_port, self.imap_port = free_port(), free_port()
         self.config = root / "gateway.toml"
         self.config.write_text(f"""
@@ -63,7 +64,7 @@ cert = "{pki / 'gateway' / 'tls-server-chain.pem'}"
 key = "{pki / 'gateway' / 'tls-server.key'}"
 ca = "{pki / 'ca-bundle.pem'}"
 [database]
-url = "sqlite:///gateway.db"
+url = "{self.database_url}"
 [spool]
 dir = "spool"
 [submission]
@@ -79,7 +80,7 @@ level = "DEBUG"
         self.ca = str(pki / "ca-bundle.pem")
         self.log = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        engine = make_engine(DatabaseConfig(url=f"sqlite:///{root / 'gateway.db'}"))
+        engine = make_engine(DatabaseConfig(url=self.database_url))
         create_tables(engine)
         store = AccountStore(engine)
         for address, password in PASSWORDS.items():
@@ -140,6 +141,21 @@ def gateway(dovecot_binary: Path, dev_pki_dir: Path) -> Iterator[GatewayProcess]
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def gateway_on_postgresql(dovecot_binary: Path, dev_pki_dir: Path, pg_database: str) -> Iterator[GatewayProcess]:
+    """The same gateway with its accounts and queue in PostgreSQL (Dovecot then reads accounts with pgsql)."""
+    root = short_tmpdir()
+    gw = GatewayProcess(root, dev_pki_dir, pg_database)
+    gw.start()
+    yield gw
+    if gw.proc is not None and gw.proc.poll() is None:
+        gw.interrupt()
+    engine = make_engine(DatabaseConfig(url=pg_database))
+    metadata.drop_all(engine)
+    engine.dispose()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def a_message(subject: str) -> bytes:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = ALICE, BOB, subject
@@ -187,6 +203,15 @@ def test_submission_to_imap_byte_for_byte(gateway: GatewayProcess) -> None:
     assert b"by gw.dev.mssante.test (mssgw) with ESMTPSA" in fetched
     with gateway.imap(ALICE) as c:
         assert fetch_all(c) == []  # the sender's own mailbox is untouched
+
+
+def test_submission_to_imap_on_postgresql(gateway_on_postgresql: GatewayProcess) -> None:
+    original = a_message("PostgreSQL")
+    with gateway_on_postgresql.smtp() as s:
+        assert s.sendmail(ALICE, [BOB], original) == {}
+    with gateway_on_postgresql.imap() as c:
+        [fetched] = wait_for(lambda: fetch_all(c))
+    assert fetched.endswith(original)
 
 
 def test_login_before_starttls_is_refused(gateway: GatewayProcess) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.schema import DatabaseConfig
-from gateway.db import create_tables, make_engine
+from gateway.db import create_tables, make_engine, metadata
 from gateway.spool import (
     MAX_QUEUE_LIFETIME,
     RETRY_SCHEDULE,
@@ -28,11 +28,16 @@ from gateway.spool import (
 MSG = b"Subject: hi\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(DatabaseConfig(url=f"sqlite:///{tmp_path / 'gw.db'}"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'gw.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+    eng = make_engine(DatabaseConfig(url=url))
     create_tables(eng)
     yield eng
+    metadata.drop_all(eng)
     eng.dispose()
 
 
@@ -131,7 +136,7 @@ async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Eng
 
 def test_failed_commit_leaves_no_file(spool: Spool, engine: Engine, tmp_path: Path) -> None:
     with engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE queue_recipients")
+        queue_recipients.drop(conn)
     with pytest.raises(SQLAlchemyError):
         spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
     assert list((tmp_path / "spool" / "msg").iterdir()) == []
