@@ -44,7 +44,7 @@ from smime.errors import (
     NoRecipientInfo,
     UnsupportedAlgorithm,
 )
-from smime.keys import Decrypter, HashName, KeyTransportPadding
+from smime.keys import Decrypter, HashName, KeyTransportPadding, OaepHashName
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +230,18 @@ def _find_recipient(infos: cms.RecipientInfos, cert: x509.Certificate) -> cms.Ke
     raise NoRecipientInfo(ours, tuple(present))
 
 
-def _key_transport(alg: cms.KeyEncryptionAlgorithm) -> tuple[KeyTransportPadding, HashName]:
+def _key_transport(alg: cms.KeyEncryptionAlgorithm) -> tuple[KeyTransportPadding, OaepHashName]:
     name = alg["algorithm"].native
     if name == "rsaes_pkcs1v15":
         return "pkcs1v15", "sha256"
     if name == "rsaes_oaep":
         oaep_hash = read_oaep_parameters(alg["parameters"])
+        if oaep_hash == "sha1":  # OpenSSL's default (RFC 8017 A.2.1): fine to read, never chosen to send
+            return "oaep", "sha1"
         try:
             return "oaep", strong_hash(oaep_hash)
         except UnsupportedAlgorithm:
-            raise UnsupportedAlgorithm(f"OAEP with {oaep_hash} (the key protocol offers SHA-256/384/512)",
-                                       "key transport") from None
+            raise UnsupportedAlgorithm(f"OAEP with {oaep_hash}", "key transport") from None
     raise UnsupportedAlgorithm(str(name), "key transport")
 
 

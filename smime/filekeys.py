@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from smime.algorithms import hash_algorithm
 from smime.errors import SmimeError
-from smime.keys import HashName, KeyTransportPadding, SignaturePadding
+from smime.keys import HashName, KeyTransportPadding, OaepHashName, SignaturePadding
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class FileKey:
         return self.private_key.sign(data, pad, algorithm)
 
     async def decrypt_key(self, encrypted_key: bytes, *, padding: KeyTransportPadding = "pkcs1v15",
-                          oaep_hash: HashName = "sha256") -> bytes:
+                          oaep_hash: OaepHashName = "sha256") -> bytes:
         pad: asym_padding.AsymmetricPadding
         if padding == "oaep":
             algorithm = hash_algorithm(oaep_hash)

@@ -17,6 +17,9 @@ from cryptography import x509
 HashName = Literal["sha256", "sha384", "sha512"]
 SignaturePadding = Literal["pkcs1v15", "pss"]
 KeyTransportPadding = Literal["pkcs1v15", "oaep"]
+# OAEP's hash may be SHA-1 on what we receive: it is OpenSSL's default and RFC 8017's
+# (A.2.1), and OAEP does not rest on collision resistance. We never choose it to send.
+OaepHashName = Literal["sha1", "sha256", "sha384", "sha512"]
 
 
 @runtime_checkable
@@ -40,6 +43,6 @@ class Decrypter(Protocol):
     def certificate(self) -> x509.Certificate: ...
 
     async def decrypt_key(self, encrypted_key: bytes, *, padding: KeyTransportPadding = "pkcs1v15",
-                          oaep_hash: HashName = "sha256") -> bytes:
+                          oaep_hash: OaepHashName = "sha256") -> bytes:
         """Return the content-encryption key wrapped in `encrypted_key`."""
         ...

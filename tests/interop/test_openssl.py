@@ -23,7 +23,6 @@ from gateway.devpki import (
     practitioner_name,
 )
 from smime.envelope import decrypt_content, encrypt_content
-from smime.errors import UnsupportedAlgorithm
 from smime.message import encrypt_entity, open_message, sign_and_encrypt
 from smime.mime import join_message, split_message, split_multipart_signed, to_crlf
 from smime.signing import sign_entity
@@ -134,10 +133,12 @@ def test_we_decrypt_openssl_ber_stream(pki, paul_auth, tmp_path):
     assert asyncio.run(decrypt_content(der, paul_auth)).content == ENTITY
 
 
-def test_openssl_default_oaep_is_a_clear_error(pki, paul_auth, tmp_path):
+def test_we_decrypt_openssl_default_oaep(pki, paul_auth, tmp_path):
+    """OpenSSL's OAEP default is SHA-1 with MGF1-SHA-1, encoded as absent parameters (RFC 8017 A.2.1)."""
     der = _openssl_encrypt(pki, tmp_path, "-aes256", "-keyopt", "rsa_padding_mode:oaep", outform="DER")
-    with pytest.raises(UnsupportedAlgorithm, match="OAEP with sha1"):
-        asyncio.run(decrypt_content(der, paul_auth))
+    decrypted = asyncio.run(decrypt_content(der, paul_auth))
+    assert decrypted.content == ENTITY
+    assert decrypted.key_transport == "oaep-sha1"
 
 
 def _openssl_sign(pki, tmp_path, *options: str, entity: bytes = ENTITY) -> bytes:
