@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,10 @@ def _dev_setup(args: argparse.Namespace) -> int:
                 store.set_password(address, known[address])
         elif store.get(address) is None:
             store.add(address, known[address])
-    creds_file.touch(mode=0o600)
-    creds_file.write_text("".join(f"{a} {p}\n" for a, p in sorted(known.items())), encoding="utf-8")
+    fd = os.open(creds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the passwords: the gateway's user only, even if the file was there before
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(f"{a} {p}\n" for a, p in sorted(known.items())))
     engine.dispose()
     print(f"Test PKI: {pki_dir} (CA bundle for mail clients: {pki.ca_bundle})")
     print(f"Development accounts (login = address; also in {creds_file}):")

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 
 from gateway.logsetup import queue_id
 from gateway.spool import Outcome, QueuedMessage, RecipientResult, Spool
@@ -27,6 +28,9 @@ Deliver = Callable[[str, Sequence[str], bytes], Awaitable[dict[str, tuple[int, s
 
 # How often the database is asked for due messages when nothing else wakes the worker.
 POLL_INTERVAL = 2.0
+# Rows of finished messages are kept a week (for `queue` commands and DSN questions), then purged hourly.
+KEEP_FINISHED = timedelta(days=7)
+PURGE_INTERVAL = 3600.0
 
 
 class DeliveryWorker:
@@ -71,7 +75,14 @@ class DeliveryWorker:
 
     async def _run(self) -> None:
         next_poll = 0.0
+        next_purge = time.monotonic() + PURGE_INTERVAL
         while not self._stopping:
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + PURGE_INTERVAL
+                try:
+                    await asyncio.to_thread(self._spool.purge_done, KEEP_FINISHED)
+                except Exception:
+                    log.exception("cannot purge finished messages")
             self._wake.clear()
             while self._ready and len(self._inflight) < self._concurrency:
                 self._launch(self._ready.popleft())

@@ -122,8 +122,10 @@ def new_queue_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """A message to accept: what the SMTP session gathered."""
+    """A message to accept: what the SMTP session gathered, and the queue id it announced
+    (in its trace header) and will answer with."""
 
+    id: str
     sender: str
     recipients: tuple[str, ...]
     data: bytes
@@ -153,7 +155,8 @@ class Spool:
 
     def accept(self, sender: str, recipients: Sequence[str], data: bytes, *, account: str | None) -> str:
         """Store one message durably (state `incoming`) and return its queue id. Only then may the caller say 250."""
-        return self.accept_batch([Incoming(sender, tuple(recipients), data, account)], state="incoming")[0].id
+        return self.accept_batch([Incoming(new_queue_id(), sender, tuple(recipients), data, account)],
+                                 state="incoming")[0].id
 
     def accept_batch(self, batch: Sequence[Incoming], *, state: Literal["incoming", "active"] = "active"
                      ) -> list[QueuedMessage]:
@@ -164,7 +167,7 @@ class Spool:
         By default the rows are born `active`: the caller hands them straight to the delivery
         worker, and a crash before their delivery puts them back (`recover`).
         """
-        ids = [new_queue_id() for _ in batch]
+        ids = [m.id for m in batch]
         written = list(self._writers.map(self._write_file, ids, [m.data for m in batch]))
         failed = [exc for exc in written if exc is not None]
         if failed:
@@ -313,22 +316,12 @@ class Spool:
             conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
                          .values(state="incoming"))
 
-    def next_due(self) -> datetime | None:
-        with self._books.connect() as conn:
-            r = conn.execute(select(queue.c.next_attempt_at).where(
-                queue.c.state.in_(("incoming", "deferred"))).order_by(queue.c.next_attempt_at).limit(1)).first()
-        return None if r is None else _utc(r.next_attempt_at)
-
-    def counts(self) -> dict[str, int]:
-        with self._engine.connect() as conn:
-            return {r.state: r.n for r in conn.execute(
-                select(queue.c.state, func.count().label("n")).group_by(queue.c.state))}
-
-    def purge_done(self, older_than: timedelta) -> int:
-        """Forget finished messages' rows after a while (their files are already gone)."""
-        cutoff = datetime.now(UTC) - older_than
+    def purge_done(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Forget finished messages (done or failed) after a while; their files are already gone."""
+        cutoff = (now or datetime.now(UTC)) - older_than
         with self._books.begin() as conn:
-            return conn.execute(delete(queue).where(queue.c.state == "done", queue.c.created_at < cutoff)).rowcount
+            return conn.execute(delete(queue).where(queue.c.state.in_(("done", "failed")),
+                                                    queue.c.created_at < cutoff)).rowcount
 
 
 def _utc(value: datetime) -> datetime:

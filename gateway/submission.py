@@ -28,7 +28,7 @@ from config.schema import GatewayConfig
 from gateway.accounts import AccountStore
 from gateway.addresses import AddressError, parse_mailbox
 from gateway.logsetup import conn_id, queue_id
-from gateway.spool import GroupCommitter, Incoming, QueuedMessage
+from gateway.spool import GroupCommitter, Incoming, QueuedMessage, new_queue_id
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,11 @@ class SubmissionHandler:
         if _BARE_CR_OR_LF.search(data):
             log.warning("DATA refused: bare CR or LF")
             return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 section 2.3.8)"
-        qid_hint = secrets.token_hex(4)
-        message = self._received_header(session, qid_hint) + data
+        qid = new_queue_id()
+        message = self._received_header(session, qid) + data
         try:
-            queued = await self._spool.accept(Incoming(str(envelope.mail_from), tuple(envelope.rcpt_tos), message,
-                                                       session.auth_data))
+            queued = await self._spool.accept(Incoming(qid, str(envelope.mail_from), tuple(envelope.rcpt_tos),
+                                                       message, session.auth_data))
         except Exception:
             log.exception("the spool could not take the message")
             return "451 4.3.0 The message could not be queued; please try again later"
@@ -152,12 +152,12 @@ class SubmissionHandler:
         log.error("session error: %s: %s", type(error).__name__, error)
         return "451 4.3.0 Internal error, please try again later"
 
-    def _received_header(self, session: Session, trace_id: str) -> bytes:
+    def _received_header(self, session: Session, qid: str) -> bytes:
         """The trace field of RFC 5321 §4.4, naming the authenticated client as ESMTPSA (RFC 3848)."""
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         helo = re.sub(r"[^A-Za-z0-9.\-\[\]:]", "?", session.host_name or "unknown")[:255]
         header = (f"Received: from {helo} ([{peer}])\r\n\tby {self._cfg.hostname} (mssgw) with ESMTPSA"
-                  f" id {trace_id};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
+                  f" id {qid};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
         return header.encode("ascii")
 
 

@@ -20,6 +20,7 @@ from gateway.spool import (
     Incoming,
     RecipientResult,
     Spool,
+    new_queue_id,
     next_delay,
     queue,
     queue_recipients,
@@ -122,7 +123,8 @@ def test_recover_marks_rows_without_files_as_delivered(spool: Spool, engine: Eng
 
 async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Engine) -> None:
     committer = GroupCommitter(spool)
-    msgs = await asyncio.gather(*(committer.accept(Incoming("a@x.test", ("b@x.test",), MSG + bytes([65 + i]), None))
+    msgs = await asyncio.gather(*(committer.accept(Incoming(new_queue_id(), "a@x.test", ("b@x.test",),
+                                                                 MSG + bytes([65 + i]), None))
                                   for i in range(20)))
     ids = [m.id for m in msgs]
     assert all(m.pending == ("b@x.test",) and m.attempts == 0 for m in msgs)
@@ -140,3 +142,15 @@ def test_failed_commit_leaves_no_file(spool: Spool, engine: Engine, tmp_path: Pa
     with pytest.raises(SQLAlchemyError):
         spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
     assert list((tmp_path / "spool" / "msg").iterdir()) == []
+
+
+def test_finished_rows_are_purged_after_a_while(spool: Spool, engine: Engine) -> None:
+    spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    [msg] = spool.claim_due(1)
+    spool.record(msg, [RecipientResult("b@x.test", "done", "250 ok")])
+    waiting = spool.accept("a@x.test", ["c@x.test"], MSG, account=None)
+    assert spool.purge_done(timedelta(days=7)) == 0
+    assert spool.purge_done(timedelta(days=7), now=datetime.now(UTC) + timedelta(days=8)) == 1
+    with engine.connect() as conn:
+        assert [r.id for r in conn.execute(select(queue.c.id))] == [waiting]
+        assert [r.queue_id for r in conn.execute(select(queue_recipients.c.queue_id))] == [waiting]

@@ -180,7 +180,8 @@ async def test_accepted_message_is_in_the_spool_byte_for_byte(srv: Server) -> No
     qid = reply.split()[-1].decode()
     assert srv.queued == [qid]
     stored = srv.spool.read(qid)
-    assert stored.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby gw.dev.mssante.test (mssgw) with ESMTPSA")
+    assert stored.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby gw.dev.mssante.test (mssgw) with ESMTPSA"
+                             b" id " + qid.encode() + b";")
     assert stored.endswith(body)
 
 
