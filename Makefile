@@ -28,7 +28,12 @@ run: setup dev-setup pcsc-up
 	trap : INT TERM; \
 	$(PY) -m gateway.cli -c $(CONFIG) run
 
-test: setup
+# pcscd and the demo card as for `make run` (the PC/SC tests reuse that pcscd and put their own card in
+# the second slot); stopped afterwards unless they were already running.
+test: setup dev-setup
+	@if pgrep -x pcscd >/dev/null; then started=0; else started=1; \
+	  $(PY) -m cps.devstack up --state-dir var/pcsc --pki var/pki --rpps $(DEV_RPPS) || exit 1; fi; \
+	trap 'if [ $$started = 1 ]; then $(PY) -m cps.devstack down --state-dir var/pcsc >/dev/null; fi' EXIT; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

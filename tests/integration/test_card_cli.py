@@ -36,6 +36,11 @@ def mssgw(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=60, check=False)
 
 
+def listed(stack: PcscStack) -> str:
+    """The `card list` line of the tests' reader (the `make run` card may sit in the other slot)."""
+    return next(x for x in mssgw("list").stdout.splitlines() if x.startswith(stack.reader))
+
+
 def test_list_shows_holder_rpps_validity_and_tries(stack: PcscStack) -> None:
     result = mssgw("list")
     assert result.returncode == 0, result.stderr
@@ -60,7 +65,7 @@ def test_wrong_pin_from_a_file_is_tried_once_and_not_echoed(stack: PcscStack, tm
     assert result.returncode == 2
     assert "wrong PIN, 2 tries left" in result.stderr
     assert "8765" not in result.stdout + result.stderr
-    assert "PIN tries left 2" in mssgw("list").stdout
+    assert "PIN tries left 2" in listed(stack)
 
 
 def test_unlock_from_stdin_serves_the_running_gateway(stack: PcscStack) -> None:
@@ -68,25 +73,26 @@ def test_unlock_from_stdin_serves_the_running_gateway(stack: PcscStack) -> None:
     with PcscContext() as ctx:
         gateway_connection = ctx.connect(stack.reader)
         try:
-            result = mssgw("unlock", "--pin-file", "-", stdin=PIN + "\n")
+            result = mssgw("unlock", "--reader", stack.reader, "--pin-file", "-", stdin=PIN + "\n")
             assert result.returncode == 0, result.stderr
             assert "unlocked (3 tries)" in result.stdout
-            assert "PIN tries left 3, unlocked" in mssgw("list").stdout
+            assert "PIN tries left 3, unlocked" in listed(stack)
         finally:
             gateway_connection.disconnect(reset=True)
-    assert "PIN tries left 3, locked" in mssgw("list").stdout
+    assert "PIN tries left 3, locked" in listed(stack)
 
 
 def test_unblock_with_the_puk(stack: PcscStack, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text("0000")
     for _ in range(3):
-        mssgw("unlock", "--pin-file", str(wrong))
-    assert "BLOCKED" in mssgw("list").stdout
-    blocked = mssgw("unlock", "--pin-file", "-", stdin=PIN + "\n")
+        mssgw("unlock", "--reader", stack.reader, "--pin-file", str(wrong))
+    assert "BLOCKED" in listed(stack)
+    blocked = mssgw("unlock", "--reader", stack.reader, "--pin-file", "-", stdin=PIN + "\n")
     assert blocked.returncode == 2 and "PIN blocked" in blocked.stderr
     new_pin = tmp_path / "new"
     new_pin.write_text(PIN)
-    result = mssgw("unblock", "--puk-file", "-", "--new-pin-file", str(new_pin), stdin="12345678\n")
+    result = mssgw("unblock", "--reader", stack.reader, "--puk-file", "-", "--new-pin-file", str(new_pin),
+                   stdin="12345678\n")
     assert result.returncode == 0, result.stderr
-    assert "PIN tries left 3" in mssgw("list").stdout
+    assert "PIN tries left 3" in listed(stack)
