@@ -26,7 +26,11 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str, *, password: str | None = None, **kwargs: Any) -> Engine:
-    """An engine for a SQLAlchemy URL; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An engine for a SQLAlchemy URL; SQLite gets WAL, a busy timeout and foreign keys.
+
+    Temporary storage stays on disk: building the indexes of a full import sorts millions of
+    keys, which would otherwise all be held in memory.
+    """
     sa_url = make_url(url)
     if password is not None:
         sa_url = sa_url.set(password=password)
@@ -52,7 +56,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA temp_store=MEMORY")
         cur.execute("PRAGMA cache_size=-65536")
     finally:
         cur.close()

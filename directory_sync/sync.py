@@ -178,7 +178,7 @@ class _SeenKeys:
     the database stays the real guarantee (first line wins), this only saves work.
     """
 
-    MAX = 600_000
+    MAX = 300_000
 
     def __init__(self) -> None:
         self._keys: set[str] = set()
@@ -213,6 +213,32 @@ class _Batches:
             self.rows = []
 
 
+class _CopyBatches(_Batches):
+    """PostgreSQL: the same rows sent with COPY, which is several times faster than INSERT."""
+
+    def __init__(self, conn: Connection, table: str, columns: tuple[str, ...], *, numbered: bool = False) -> None:
+        cols = ("_seq", *columns) if numbered else columns
+        super().__init__(conn, f"COPY {table} ({', '.join(cols)}) FROM STDIN")
+        self.numbered = numbered
+        self.seq = 0
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        if self.numbered:
+            self.seq += 1
+            row = (self.seq, *row)
+        super().add(row)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        driver = self.conn.connection.driver_connection
+        assert driver is not None
+        with driver.cursor() as cur, cur.copy(self.sql) as copy:
+            for row in self.rows:
+                copy.write_row(row)
+        self.rows = []
+
+
 class _Run:
     """One sync of one extract: the three strategies share the row handling below."""
 
@@ -242,8 +268,10 @@ class _Run:
             self.progress(phase, self.source.size, self.source.size)
 
     def _snapshot_writer(self, conn: Connection) -> _Batches:
-        cols = "kind, line_hash, key0, key1, key2"
-        return _Batches(conn, f"INSERT INTO {extract_line.name} ({cols}) VALUES ({_marks(conn, 5)})")
+        cols = ("kind", "line_hash", "key0", "key1", "key2")
+        if conn.dialect.name == "postgresql":
+            return _CopyBatches(conn, extract_line.name, cols)
+        return _Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) VALUES ({_marks(conn, 5)})")
 
     def _extract(self, line_no: int, fields: list[str], seen: list[_SeenKeys] | None) -> list[Any] | None:
         """Each entity's (key, hash, params), a bare key when `seen` skipped it, or None."""
@@ -281,7 +309,15 @@ class _Run:
     def bulk_load(self, conn: Connection) -> None:
         """Insert as we read; secondary indexes are dropped and built once at the end."""
         conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
-        inserts = [_Batches(conn, _insert_sql(conn, e, update=False)) for e in self.entities]
+        pg = conn.dialect.name == "postgresql"
+        inserts: list[_Batches] = []
+        for i, e in enumerate(self.entities):
+            if pg:
+                conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_load_{i} (LIKE {e.table.name}) ON COMMIT DROP")
+                conn.exec_driver_sql(f"ALTER TABLE dir_load_{i} ADD COLUMN _seq BIGINT")
+                inserts.append(_CopyBatches(conn, f"dir_load_{i}", e.spec.columns, numbered=True))
+            else:
+                inserts.append(_Batches(conn, _insert_sql(conn, e, update=False)))
         snapshot = self._snapshot_writer(conn)
         seen = [_SeenKeys() for _ in self.entities]
         dropped = [idx for e in self.entities for idx in e.table.indexes]
@@ -301,6 +337,11 @@ class _Run:
             snapshot.add((self.kind, line_hash(raw), *self._keys(extracted)))
         for batch in (*inserts, snapshot):
             batch.flush()
+        if pg:
+            for i, e in enumerate(self.entities):
+                cols = ", ".join(e.spec.columns)
+                conn.exec_driver_sql(f"INSERT INTO {e.table.name} ({cols}) SELECT {cols} FROM dir_load_{i} "
+                                     f"ORDER BY _seq ON CONFLICT ({e.spec.key_column}) DO NOTHING")
         for idx in dropped:
             idx.create(conn)
         self._done("load")
