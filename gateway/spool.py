@@ -103,6 +103,23 @@ class QueuedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """What an operator sees of a queued message (never its content)."""
+
+    id: str
+    state: str
+    sender: str
+    account: str | None
+    size: int
+    created_at: datetime
+    next_attempt_at: datetime
+    attempts: int
+    last_error: str | None
+    recipients: tuple[tuple[str, str, str | None], ...]
+    """(address, state, last reply) for each recipient."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientResult:
     address: str
     state: Outcome
@@ -315,6 +332,49 @@ class Spool:
         with self._books.begin() as conn:
             conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
                          .values(state="incoming"))
+
+    def hold(self, queue_id: str, reason: str) -> None:
+        """Park an active message until an operator or a returning card releases it (DESIGN.md: `hold`)."""
+        with self._books.begin() as conn:
+            conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
+                         .values(state="hold", last_error=reason))
+
+    # --- operator actions (`mssgw queue ...`); each names the states it applies to --------------------------------
+
+    def entries(self, states: Sequence[str] | None = None) -> list[QueueEntry]:
+        """Messages in the queue, oldest first, with their recipients."""
+        with self._engine.connect() as conn:
+            q = select(queue).order_by(queue.c.created_at, queue.c.id)
+            if states:
+                q = q.where(queue.c.state.in_(tuple(states)))
+            rows = conn.execute(q).all()
+            rcpts: dict[str, list[tuple[str, str, str | None]]] = {r.id: [] for r in rows}
+            if rows:
+                for r in conn.execute(select(queue_recipients).where(queue_recipients.c.queue_id.in_(list(rcpts)))
+                                      .order_by(queue_recipients.c.address)):
+                    rcpts[r.queue_id].append((r.address, r.state, r.reply))
+        return [QueueEntry(r.id, r.state, r.sender, r.account, r.size, _utc(r.created_at), _utc(r.next_attempt_at),
+                           r.attempts, r.last_error, tuple(rcpts[r.id])) for r in rows]
+
+    def release(self, queue_id: str) -> bool:
+        """Send a held or deferred message on its way now. False if it is in neither state."""
+        return self._operator_update(queue_id, ("hold", "deferred"), state="incoming")
+
+    def delete(self, queue_id: str) -> bool:
+        """Remove a waiting message (row and file). False if unknown or being delivered right now."""
+        with self._books.begin() as conn:
+            gone = conn.execute(delete(queue).where(queue.c.id == queue_id,
+                                                    queue.c.state.in_(("incoming", "deferred", "hold")))).rowcount
+        if gone:
+            self.path(queue_id).unlink(missing_ok=True)
+            log.info("deleted from the queue by an operator")
+        return bool(gone)
+
+    def _operator_update(self, queue_id: str, states: tuple[str, ...], **values: object) -> bool:
+        with self._books.begin() as conn:
+            done = conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state.in_(states))
+                                .values(next_attempt_at=datetime.now(UTC), **values)).rowcount
+        return bool(done)
 
     def purge_done(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Forget finished messages (done or failed) after a while; their files are already gone."""

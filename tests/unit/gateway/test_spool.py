@@ -154,3 +154,20 @@ def test_finished_rows_are_purged_after_a_while(spool: Spool, engine: Engine) ->
     with engine.connect() as conn:
         assert [r.id for r in conn.execute(select(queue.c.id))] == [waiting]
         assert [r.queue_id for r in conn.execute(select(queue_recipients.c.queue_id))] == [waiting]
+
+
+def test_hold_release_and_delete(spool: Spool) -> None:
+    held = spool.accept("a@x.test", ["b@x.test"], MSG, account="a@x.test")
+    [msg] = spool.claim_due(1)
+    spool.hold(msg.id, "card removed")
+    assert spool.claim_due(1) == []  # held mail waits for the operator or the card
+    [entry] = spool.entries(["hold"])
+    assert (entry.id, entry.last_error, entry.recipients) == (held, "card removed", (("b@x.test", "pending", None),))
+    assert spool.release(held)
+    assert not spool.release(held)  # no longer held
+    [again] = spool.claim_due(1)
+    assert again.id == held
+    assert not spool.delete(held)  # being delivered: not deletable
+    spool.release_active(held)
+    assert spool.delete(held)
+    assert not spool.path(held).exists() and spool.entries() == []
