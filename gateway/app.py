@@ -35,6 +35,7 @@ class Gateway:
         self.accounts = AccountStore(self.engine)
         self.spool = Spool(cfg.spool.dir, self.engine, self.bookkeeping)
         self.dovecot = DovecotSupervisor(cfg) if cfg.mailboxes.mode == "embedded" else None
+        self.lmtp = lmtp.LmtpPool(cfg.mailboxes.lmtp_endpoint, size=cfg.spool.workers, helo=cfg.hostname)
         self.worker = DeliveryWorker(self.spool, self._deliver_local, concurrency=cfg.spool.workers)
         self._servers: list[asyncio.Server] = []
 
@@ -55,6 +56,7 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         await self.worker.stop()
+        await self.lmtp.close()
         if self.dovecot is not None:
             await self.dovecot.stop()
         self.engine.dispose()
@@ -62,7 +64,7 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _deliver_local(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, tuple[int, str]]:
-        replies = await lmtp.deliver(self.cfg.mailboxes.lmtp_endpoint, sender, recipients, message)
+        replies = await self.lmtp.deliver(sender, recipients, message)
         return {rcpt: (r.code, " ".join(p for p in (r.enhanced, r.text) if p)) for rcpt, r in replies.items()}
 
 

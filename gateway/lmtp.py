@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -190,7 +191,7 @@ async def _connect(endpoint: str, timeout: float) -> tuple[asyncio.StreamReader,
 
 async def deliver(endpoint: str, sender: str, recipients: Sequence[str], message: bytes, *,
                   timeout: float = 60, helo: str | None = None) -> dict[str, LmtpReply]:
-    """Deliver `message` (CRLF line ends) to `recipients`; return the reply of each recipient.
+    """Deliver `message` (CRLF line ends) to `recipients` over a connection of its own; one reply per recipient.
 
     A refused RCPT is that recipient's answer; each accepted one gets its own DATA reply (RFC 2033 §4.2). A refused
     MAIL or DATA becomes every (accepted) recipient's answer. A connection that fails before the message was sent
@@ -198,22 +199,52 @@ async def deliver(endpoint: str, sender: str, recipients: Sequence[str], message
     CONNECTION_LOST (a transient reply), since some mailboxes may already hold the message.
     `sender` may be empty: the null reverse-path of a DSN (RFC 5321 §4.5.5).
     """
-    unique = list(dict.fromkeys(recipients))
-    if not unique:
-        return {}
-    for address in (sender, *unique):
-        _check_address(address)
-    payload = dot_stuff(message)
-    reader, writer = await _connect(endpoint, timeout)
-    session = _Session(endpoint, reader, writer, timeout)
+    for address in (sender, *recipients):
+        _check_address(address)  # before connecting: a malformed envelope is our bug, not the server's
+    session = await LmtpSession.open(endpoint, timeout=timeout, helo=helo)
     try:
-        greeting = await session.read_reply()
-        if greeting.code != 220:
-            raise LmtpProtocolError(endpoint, "greeting", greeting)
-        lhlo = await session.command(f"LHLO {helo or socket.gethostname()}")
-        if lhlo.code != 250:
-            raise LmtpProtocolError(endpoint, "LHLO", lhlo)
-        eight_bit = any(b > 0x7F for b in payload) and "8BITMIME" in lhlo.text.upper()
+        return await session.transact(sender, recipients, message)
+    finally:
+        await session.close()
+
+
+class LmtpSession:
+    """One LMTP connection, greeted and LHLO'd, that can carry several transactions (RFC 2033 §4, RFC 5321 §3.3)."""
+
+    def __init__(self, session: _Session, eight_bit: bool) -> None:
+        self._session = session
+        self._eight_bit = eight_bit
+        self.reusable = True
+        self.opened = time.monotonic()
+
+    @classmethod
+    async def open(cls, endpoint: str, *, timeout: float = 60, helo: str | None = None) -> LmtpSession:
+        reader, writer = await _connect(endpoint, timeout)
+        session = _Session(endpoint, reader, writer, timeout)
+        try:
+            greeting = await session.read_reply()
+            if greeting.code != 220:
+                raise LmtpProtocolError(endpoint, "greeting", greeting)
+            lhlo = await session.command(f"LHLO {helo or socket.gethostname()}")
+            if lhlo.code != 250:
+                raise LmtpProtocolError(endpoint, "LHLO", lhlo)
+        except BaseException:
+            await session.close()
+            raise
+        return cls(session, "8BITMIME" in lhlo.text.upper())
+
+    async def transact(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, LmtpReply]:
+        """One mail transaction; see `deliver`. After an error the session is no longer `reusable`."""
+        unique = list(dict.fromkeys(recipients))
+        if not unique:
+            return {}
+        for address in (sender, *unique):
+            _check_address(address)
+        payload = dot_stuff(message)
+        session = self._session
+        endpoint = session.endpoint
+        self.reusable = False
+        eight_bit = self._eight_bit and any(b > 0x7F for b in payload)
         mail = await session.command(f"MAIL FROM:<{sender}>" + (" BODY=8BITMIME" if eight_bit else ""))
         if not mail.ok:
             return {rcpt: mail for rcpt in unique}
@@ -237,8 +268,64 @@ async def deliver(endpoint: str, sender: str, recipients: Sequence[str], message
             except LmtpError as exc:
                 log.warning("LMTP %s: %s; %d recipient(s) left without a reply", endpoint, exc, len(accepted) - i)
                 results.update({r: CONNECTION_LOST for r in accepted[i:]})
-                break
+                return results
         log.debug("LMTP %s: %s", endpoint, ", ".join(f"{r} {reply.code}" for r, reply in results.items()))
+        self.reusable = True
         return results
-    finally:
-        await session.close()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class LmtpPool:
+    """Reuses LMTP sessions across deliveries: a new connection costs the mailbox store more than a transaction.
+
+    A session goes back to the pool only after a transaction that ran to its end. A reused session that
+    fails before the message was sent (the server closed it while idle) is replaced once by a fresh one:
+    nothing was delivered on it, so trying again cannot duplicate.
+    """
+
+    def __init__(self, endpoint: str, *, size: int = 8, timeout: float = 60, helo: str | None = None,
+                 max_idle: float = 20.0) -> None:
+        self.endpoint = endpoint
+        self._size = size
+        self._timeout = timeout
+        self._helo = helo
+        self._max_idle = max_idle
+        self._idle: list[tuple[float, LmtpSession]] = []
+
+    async def deliver(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, LmtpReply]:
+        session = await self._take()
+        reused = session is not None
+        if session is None:
+            session = await LmtpSession.open(self.endpoint, timeout=self._timeout, helo=self._helo)
+        try:
+            try:
+                results = await session.transact(sender, recipients, message)
+            except LmtpUnavailable:
+                if not reused:
+                    raise
+                await session.close()  # stale: nothing was sent on it
+                session = await LmtpSession.open(self.endpoint, timeout=self._timeout, helo=self._helo)
+                results = await session.transact(sender, recipients, message)
+        except BaseException:
+            await session.close()
+            raise
+        if session.reusable and len(self._idle) < self._size:
+            self._idle.append((time.monotonic(), session))
+        else:
+            await session.close()
+        return results
+
+    async def _take(self) -> LmtpSession | None:
+        while self._idle:
+            since, session = self._idle.pop()
+            if time.monotonic() - since < self._max_idle:
+                return session
+            await session.close()
+        return None
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, session in idle:
+            await session.close()

@@ -441,3 +441,21 @@ def test_start_errors_name_the_setting(dovecot_kit: Any) -> None:
                 dovecot_kit.start(cfg, root, dovecot_kit.ACCOUNTS)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_pool_reuses_sessions_and_replaces_a_stale_one(embedded_dovecot: RunningDovecot) -> None:
+    """Several deliveries over one pooled connection; a session the server closed while idle is replaced."""
+    pool = lmtp.LmtpPool(embedded_dovecot.lmtp, size=1)
+    bob = "bob@dev.mssante.test"
+    try:
+        for i in range(3):
+            replies = await pool.deliver("alice@dev.mssante.test", [bob], f"Subject: pool {i}\r\n\r\nx\r\n".encode())
+            assert replies[bob].code == 250
+        [(_, session)] = pool._idle
+        await session.close()  # as if Dovecot had dropped the idle connection
+        replies = await pool.deliver("alice@dev.mssante.test", [bob, "nobody@dev.mssante.test"],
+                                     b"Subject: 4\r\n\r\ny\r\n")
+        assert replies[bob].code == 250 and replies["nobody@dev.mssante.test"].code == 550
+        assert len(pool._idle) == 1 and pool._idle[0][1] is not session
+    finally:
+        await pool.close()
