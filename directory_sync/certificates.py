@@ -12,19 +12,13 @@ import logging
 from cryptography import x509
 from sqlalchemy import Engine, delete, insert
 
-from directory_sync.errors import DirectoryError
+from directory_sync.errors import InvalidCertificate
 from directory_sync.mapping import address_key
 from directory_sync.models import Certificate
 
 log = logging.getLogger(__name__)
 
 USAGES = ("encryption", "signature", "any")
-
-
-class InvalidCertificate(DirectoryError):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"not a usable certificate: {reason}")
 
 
 def add_certificate(

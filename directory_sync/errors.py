@@ -41,6 +41,22 @@ class MissingColumns(DirectoryError):
         super().__init__(f"{self.path}: {kind} extract without the columns: {', '.join(missing)}")
 
 
+class RowRejected(DirectoryError):
+    """One extract line a table cannot use; the sync counts it as malformed, with its line number."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class InvalidCertificate(DirectoryError):
+    """A certificate offered to the directory that cannot be stored (not DER X.509, no owner, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"not a usable certificate: {reason}")
+
+
 class DeletionBrake(DirectoryError):
     """A sync would delete more than the allowed share of a table: refused unless forced.
 

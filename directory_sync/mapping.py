@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from directory_sync.errors import MissingColumns
+from directory_sync.errors import MissingColumns, RowRejected
 from directory_sync.extracts import ExtractKind, ExtractReader
 from directory_sync.models import (
     Activity,
@@ -29,14 +29,6 @@ from directory_sync.models import (
 MAILBOX_TYPES = frozenset({"PER", "ORG", "APP", "CAB"})
 
 Values = tuple[str | None, ...]
-
-
-class RowRejected(Exception):
-    """A row one entity cannot use; the reader counts it as malformed."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 def address_key(address: str) -> str | None:

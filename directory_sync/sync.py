@@ -25,15 +25,14 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select
 
-from directory_sync.errors import DeletionBrake
+from directory_sync.errors import DeletionBrake, RowRejected
 from directory_sync.extracts import (
     ExtractKind,
     ExtractReader,
@@ -42,14 +41,21 @@ from directory_sync.extracts import (
     ReadStats,
     sources,
 )
-from directory_sync.mapping import SPECS, BoundEntity, RowRejected
+from directory_sync.mapping import SPECS, BoundEntity
 from directory_sync.models import SyncRun, extract_line
+from directory_sync.sqlbatch import (
+    Batches,
+    CopyBatches,
+    changed_lines,
+    count_rows,
+    insert_sql,
+    load_hashes,
+    marks,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELETE_SHARE = 0.10
-BATCH = 5000
-CHUNK = 20_000
 MAX_KEYS = 3
 
 Progress = Callable[[str, int, int], None]
@@ -134,7 +140,7 @@ def sync_source(
         run = _Run(reader, source, entities, report, progress, max_delete_share, force)
         try:
             with engine.begin() as conn:
-                before = [_count(conn, e.table) for e in entities]
+                before = [count_rows(conn, e.table) for e in entities]
                 report.tables = [TableChange(e.spec.name, n) for e, n in zip(entities, before, strict=True)]
                 snapshot = _snapshot_size(conn, reader.kind)
                 if all(n == 0 for n in before):
@@ -194,51 +200,6 @@ class _SeenKeys:
         self._keys.add(key)
 
 
-class _Batches:
-    """Rows for one SQL statement, sent by executemany every BATCH rows."""
-
-    def __init__(self, conn: Connection, sql: str) -> None:
-        self.conn = conn
-        self.sql = sql
-        self.rows: list[tuple[Any, ...]] = []
-
-    def add(self, row: tuple[Any, ...]) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            self.conn.exec_driver_sql(self.sql, self.rows)  # type: ignore[arg-type]
-            self.rows = []
-
-
-class _CopyBatches(_Batches):
-    """PostgreSQL: the same rows sent with COPY, which is several times faster than INSERT."""
-
-    def __init__(self, conn: Connection, table: str, columns: tuple[str, ...], *, numbered: bool = False) -> None:
-        cols = ("_seq", *columns) if numbered else columns
-        super().__init__(conn, f"COPY {table} ({', '.join(cols)}) FROM STDIN")
-        self.numbered = numbered
-        self.seq = 0
-
-    def add(self, row: tuple[Any, ...]) -> None:
-        if self.numbered:
-            self.seq += 1
-            row = (self.seq, *row)
-        super().add(row)
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        driver = self.conn.connection.driver_connection
-        assert driver is not None
-        with driver.cursor() as cur, cur.copy(self.sql) as copy:
-            for row in self.rows:
-                copy.write_row(row)
-        self.rows = []
-
-
 class _Run:
     """One sync of one extract: the three strategies share the row handling below."""
 
@@ -267,11 +228,11 @@ class _Run:
         if self.progress is not None:
             self.progress(phase, self.source.size, self.source.size)
 
-    def _snapshot_writer(self, conn: Connection) -> _Batches:
+    def _snapshot_writer(self, conn: Connection) -> Batches:
         cols = ("kind", "line_hash", "key0", "key1", "key2")
         if conn.dialect.name == "postgresql":
-            return _CopyBatches(conn, extract_line.name, cols)
-        return _Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) VALUES ({_marks(conn, 5)})")
+            return CopyBatches(conn, extract_line.name, cols)
+        return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) VALUES ({marks(conn, 5)})")
 
     def _extract(self, line_no: int, fields: list[str], seen: list[_SeenKeys] | None) -> list[Any] | None:
         """Each entity's (key, hash, params), a bare key when `seen` skipped it, or None."""
@@ -310,14 +271,14 @@ class _Run:
         """Insert as we read; secondary indexes are dropped and built once at the end."""
         conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
         pg = conn.dialect.name == "postgresql"
-        inserts: list[_Batches] = []
+        inserts: list[Batches] = []
         for i, e in enumerate(self.entities):
             if pg:
                 conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_load_{i} (LIKE {e.table.name}) ON COMMIT DROP")
                 conn.exec_driver_sql(f"ALTER TABLE dir_load_{i} ADD COLUMN _seq BIGINT")
-                inserts.append(_CopyBatches(conn, f"dir_load_{i}", e.spec.columns, numbered=True))
+                inserts.append(CopyBatches(conn, f"dir_load_{i}", e.spec.columns, numbered=True))
             else:
-                inserts.append(_Batches(conn, _insert_sql(conn, e, update=False)))
+                inserts.append(Batches(conn, insert_sql(conn, e, update=False)))
         snapshot = self._snapshot_writer(conn)
         seen = [_SeenKeys() for _ in self.entities]
         dropped = [idx for e in self.entities for idx in e.table.indexes]
@@ -346,12 +307,12 @@ class _Run:
             idx.create(conn)
         self._done("load")
         for change, e in zip(self.report.tables, self.entities, strict=True):
-            change.inserted = _count(conn, e.table)
+            change.inserted = count_rows(conn, e.table)
 
     # -- by line, against the snapshot of the last applied file --------------------------------------
 
     def line_diff(self, conn: Connection) -> None:
-        prev = _load_hashes(conn, self.kind)
+        prev = load_hashes(conn, self.kind)
         present = bytearray(len(prev))
         n = len(prev)
         stage = self._create_stage(conn)
@@ -382,7 +343,7 @@ class _Run:
         self._done("compare")
 
         # Lines that disappeared: the keys they fed are candidates for deletion.
-        removed = _Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({_marks(conn, 1)})")
+        removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)})")
         for h, seen_now in zip(prev, present):
             if not seen_now:
                 removed.add((h,))
@@ -393,10 +354,10 @@ class _Run:
         for i in range(len(self.entities)):
             rows = conn.exec_driver_sql(
                 f"SELECT DISTINCT l.key{i} FROM {extract_line.name} l JOIN dir_stage_removed r "
-                f"ON r.h = l.line_hash WHERE l.kind = {_marks(conn, 1)} AND l.key{i} IS NOT NULL", kind_param).all()
+                f"ON r.h = l.line_hash WHERE l.kind = {marks(conn, 1)} AND l.key{i} IS NOT NULL", kind_param).all()
             candidates.append({r[0] for r in rows})
         conn.exec_driver_sql(
-            f"DELETE FROM {extract_line.name} WHERE kind = {_marks(conn, 1)} "
+            f"DELETE FROM {extract_line.name} WHERE kind = {marks(conn, 1)} "
             f"AND line_hash IN (SELECT h FROM dir_stage_removed)", kind_param)
         snapshot.flush()
 
@@ -413,14 +374,14 @@ class _Run:
                 gone.append(set())
                 continue
             conn.exec_driver_sql("DELETE FROM dir_stage_cand")
-            batch = _Batches(conn, f"INSERT INTO dir_stage_cand (k) VALUES ({_marks(conn, 1)})")
+            batch = Batches(conn, f"INSERT INTO dir_stage_cand (k) VALUES ({marks(conn, 1)})")
             for k in cand:
                 batch.add((k,))
             batch.flush()
             conn.exec_driver_sql(f"DELETE FROM dir_stage_cand WHERE k IN (SELECT k FROM dir_stage_{i})")
             left = {r[0] for r in conn.exec_driver_sql("SELECT k FROM dir_stage_cand").all()}
             if left:
-                sql = scan.format(lines=extract_line.name, i=i, mark=_marks(conn, 1))
+                sql = scan.format(lines=extract_line.name, i=i, mark=marks(conn, 1))
                 left -= {r[0] for r in conn.exec_driver_sql(sql, kind_param).all()}
             gone.append(left)
         for change, g in zip(self.report.tables, gone, strict=True):
@@ -428,7 +389,7 @@ class _Run:
         self._check_brake()
         for e, g in zip(self.entities, gone, strict=True):
             if g:
-                delete = _Batches(conn, f"DELETE FROM {e.table.name} WHERE {e.spec.key_column} = {_marks(conn, 1)}")
+                delete = Batches(conn, f"DELETE FROM {e.table.name} WHERE {e.spec.key_column} = {marks(conn, 1)}")
                 for k in g:
                     delete.add((k,))
                 delete.flush()
@@ -470,7 +431,7 @@ class _Run:
 
     # -- staging and the second pass ------------------------------------------------------------------
 
-    def _create_stage(self, conn: Connection) -> list[_Batches]:
+    def _create_stage(self, conn: Connection) -> list[Batches]:
         pg = conn.dialect.name == "postgresql"
         suffix = " ON COMMIT DROP" if pg else ""
         names = [f"dir_stage_{i}" for i in range(len(self.entities))]
@@ -483,7 +444,7 @@ class _Run:
                              f"is_new INTEGER NOT NULL){suffix}")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_removed (h BIGINT NOT NULL){suffix}")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_cand (k VARCHAR(320) PRIMARY KEY){suffix}")
-        return [_Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({_marks(conn, 3)}) ON CONFLICT (k) DO NOTHING")
+        return [Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({marks(conn, 3)}) ON CONFLICT (k) DO NOTHING")
                 for n in names]
 
     def _apply_staged(self, conn: Connection) -> None:
@@ -502,8 +463,8 @@ class _Run:
         if not any(c.inserted or c.updated for c in self.report.tables):
             return
         conn.exec_driver_sql("CREATE INDEX dir_stage_changed_line ON dir_stage_changed (line)")
-        upserts = [_Batches(conn, _insert_sql(conn, e, update=True)) for e in self.entities]
-        wanted = _changed_lines(conn)
+        upserts = [Batches(conn, insert_sql(conn, e, update=True)) for e in self.entities]
+        wanted = changed_lines(conn)
         pending = next(wanted, None)
         with ExtractReader(self.source) as again:
             for line_no, raw in self._lines(again, "apply"):
@@ -531,66 +492,9 @@ def _collect(report: SyncReport, stats: ReadStats) -> None:
     report.malformed = list(stats.malformed)
 
 
-def _count(conn: Connection, table: Table) -> int:
-    return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-
-
 def _snapshot_size(conn: Connection, kind: ExtractKind) -> int:
     query = select(func.count()).select_from(extract_line).where(extract_line.c.kind == kind.value)
     return int(conn.execute(query).scalar_one())
-
-
-def _load_hashes(conn: Connection, kind: str) -> array[int]:
-    """The sorted line hashes of the last applied file: 8 bytes each (20 MB for 2.5 M lines)."""
-    hashes: array[int] = array("q")
-    query = (select(extract_line.c.line_hash).where(extract_line.c.kind == kind).order_by(extract_line.c.line_hash)
-             .execution_options(stream_results=True, yield_per=CHUNK))
-    result = conn.execute(query)
-    for part in result.partitions(CHUNK):
-        hashes.extend(r[0] for r in part)
-    return hashes
-
-
-def _marks(conn: Connection, n: int) -> str:
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    return ", ".join([mark] * n)
-
-
-def _insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
-    cols = entity.spec.columns
-    key = entity.spec.key_column
-    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({_marks(conn, len(cols))}) "
-    if not update:
-        return sql + f"ON CONFLICT ({key}) DO NOTHING"
-    sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key)
-    return sql + f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
-
-
-def _changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:
-    """(line, entity indexes) in line order, read in chunks so memory stays bounded."""
-    last = 0
-    while True:
-        chunk = conn.exec_driver_sql(
-            f"SELECT line, ent FROM dir_stage_changed WHERE line > {last} ORDER BY line, ent LIMIT {CHUNK}").all()
-        if not chunk:
-            return
-        # A line's entities may straddle the chunk end: drop that last line and read it again.
-        final = chunk[-1][0]
-        rows = [r for r in chunk if r[0] != final] if len(chunk) == CHUNK else chunk
-        rows = rows or chunk
-        current: int | None = None
-        ents: list[int] = []
-        for line, ent in rows:
-            if line != current:
-                if current is not None:
-                    yield current, ents
-                current, ents = line, []
-            ents.append(ent)
-        if current is not None:
-            yield current, ents
-        last = current if current is not None else final
-        if len(chunk) < CHUNK:
-            return
 
 
 def _record(conn: Connection, report: SyncReport, started: dt.datetime, status: str, message: str | None) -> int:

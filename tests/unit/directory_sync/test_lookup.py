@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Engine
 
-from directory_sync.certificates import InvalidCertificate, add_certificate
+from directory_sync.certificates import add_certificate
+from directory_sync.errors import InvalidCertificate
 from directory_sync.lookup import DirectoryLookup
 from directory_sync.sync import import_paths
 from directory_sync.synthetic import mssante_lines, write_extract
