@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 import httpx
-from sqlalchemy import Connection, Engine, and_, delete, insert, or_
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select
 
 from directory_sync.errors import FhirError
 from directory_sync.extracts import ExtractKind
@@ -328,6 +328,16 @@ async def sync_fhir(
         await asyncio.to_thread(_record, engine, report, started, status, message, client.settings.base_url)
     log.info("%s", report.summary())
     return report
+
+
+def last_successful_sync(engine: Engine) -> dt.datetime | None:
+    """When the last complete FHIR sync started: the `--since` of the next increment."""
+    with engine.connect() as conn:
+        value = conn.execute(select(func.max(SyncRun.started_at))
+                             .where(SyncRun.kind == KIND, SyncRun.status == "ok")).scalar_one()
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def _apply_page(engine: Engine, owners: list[FhirOwner], report: FhirReport) -> None:

@@ -22,7 +22,13 @@ from config.loader import load
 from directory_sync.certificates import add_certificate
 from directory_sync.database import engine_from_config, migrate
 from directory_sync.errors import DirectoryError
-from directory_sync.fhir import PRODUCTION_BASE_URL, FhirClient, FhirSettings, sync_fhir
+from directory_sync.fhir import (
+    PRODUCTION_BASE_URL,
+    FhirClient,
+    FhirSettings,
+    last_successful_sync,
+    sync_fhir,
+)
 from directory_sync.lookup import DirectoryLookup
 from directory_sync.stats import directory_stats
 from directory_sync.sync import DEFAULT_MAX_DELETE_SHARE, import_paths
@@ -47,7 +53,8 @@ def register(sub: Any) -> None:
     q.add_argument("--full-compare", action="store_true",
                    help="compare every key in SQL instead of only the lines that changed since the last import")
     q = add_command(d, "sync-fhir", _sync_fhir, "apply the Annuaire Santé FHIR API's mailboxes")
-    q.add_argument("--since", help="ISO date-time of the increment (_lastUpdated=ge...); default: every mailbox")
+    q.add_argument("--since", help="ISO date-time of the increment (_lastUpdated=ge...), or 'last' for the start "
+                                   "of the last complete FHIR sync; default: every mailbox")
     q.add_argument("--base-url", default=os.environ.get("ESANTE_FHIR_URL", PRODUCTION_BASE_URL))
     q.add_argument("--api-key-file", type=Path, help="file holding the ESANTE-API-KEY (default: $ESANTE_API_KEY)")
     q.add_argument("--rate", type=int, default=17, help="requests per second at most (default 17)")
@@ -157,14 +164,16 @@ def _sync_fhir(args: argparse.Namespace) -> int:
         if not key:
             raise GatewayError("no API key: pass --api-key-file or set ESANTE_API_KEY")
         since = None
-        if args.since:
+        engine = _engine(args)
+        if args.since == "last":
+            since = last_successful_sync(engine)
+        elif args.since:
             try:
                 since = dt.datetime.fromisoformat(args.since)
             except ValueError:
                 raise GatewayError(f"--since {args.since!r} is not an ISO date-time") from None
             if since.tzinfo is None:
                 since = since.replace(tzinfo=dt.UTC)
-        engine = _engine(args)
         settings = FhirSettings(base_url=args.base_url, api_key=key, rate_per_second=args.rate)
 
         async def go() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,21 @@ def test_unknown_files_and_missing_files_are_one_line_errors(
     assert "not a known RPPS/MSSanté extract" in capsys.readouterr().err
     assert main(["-c", str(config), "directory", "import", str(tmp_path / "absent.zip")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_sync_fhir_then_increment_since_the_last_run(
+    config: Path, tmp_path: Path, annuaire: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    annuaire.resources["Practitioner"] = [annuaire.practitioner("p1", "10000000001", "EXEMPLE", "JEANNE",
+                                                                [annuaire.mailbox("jeanne@pro.mssante.fr")])]
+    key = tmp_path / "key"
+    key.write_text(annuaire.KEY + "\n", encoding="utf-8")
+    base = ["-c", str(config), "directory", "sync-fhir", "--base-url", annuaire.base_url, "--api-key-file", str(key)]
+    assert main(base) == 0
+    assert "1 mailboxes upserted" in capsys.readouterr().out
+    assert "mailbox-mss:contains" in annuaire.seen[0].query
+    assert main([*base, "--since", "last"]) == 0
+    capsys.readouterr()
+    assert annuaire.seen[-1].query["_lastUpdated"][0].startswith("ge20")
+    assert main(["-c", str(config), "directory", "lookup", "jeanne@pro.mssante.fr"]) == 0
+    assert "RPPS          10000000001" in capsys.readouterr().out

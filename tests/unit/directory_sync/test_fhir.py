@@ -8,7 +8,12 @@ import pytest
 from sqlalchemy import Engine, select
 
 from directory_sync.errors import FhirError
-from directory_sync.fhir import FhirClient, FhirSettings, sync_fhir
+from directory_sync.fhir import (
+    FhirClient,
+    FhirSettings,
+    last_successful_sync,
+    sync_fhir,
+)
 from directory_sync.lookup import DirectoryLookup
 from directory_sync.models import SyncRun
 from directory_sync.sync import import_paths
@@ -52,6 +57,8 @@ async def test_full_sync_pages_retries_and_stores_mailboxes(engine: Engine, serv
     lookup = DirectoryLookup(engine)
     red = lookup.lookup_blocking("jeanne.exemple2@MEDECIN.mssante.fr")
     assert red is not None and red.liste_rouge and red.rpps == "10000000002" and red.id_nat_ps == "810000000002"
+    since = last_successful_sync(engine)
+    assert since is not None and since <= dt.datetime.now(dt.UTC)
     org = lookup.lookup_blocking("urgences@ch-dax.mssante.fr")
     assert org is not None and (org.mailbox_type, org.structure_name, org.service) == ("ORG", "CH DE DAX", "Urgences")
     app = lookup.lookup_blocking("robot@clinique.mssante.fr")
@@ -116,6 +123,7 @@ async def test_gives_up_after_the_retries_and_records_the_failure(engine: Engine
     assert len(server.seen) == 4
     with engine.connect() as conn:
         assert conn.execute(select(SyncRun.status).where(SyncRun.kind == "fhir")).scalar_one() == "failed"
+    assert last_successful_sync(engine) is None
 
 
 async def test_a_bad_key_is_not_retried(engine: Engine, server: Any) -> None:

@@ -231,3 +231,19 @@ def test_a_practitioner_stays_while_one_of_their_lines_remains(engine: Engine, t
     assert changes["practitioners"].deleted == 0
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).where(Practitioner.id_nat_ps == ids[multi - 1])).scalar_one() == 1
+
+
+def test_readers_see_the_old_directory_until_the_commit(engine: Engine, tmp_path: Path) -> None:
+    import_paths(engine, [write_extract(tmp_path / "a.txt", mssante_lines(200))])
+    before = _dump(engine, Mailbox)
+    seen_midway: list[list[tuple[object, ...]]] = []
+
+    def peek(phase: str, done: int, total: int) -> None:
+        if phase == "apply" and done == total:  # every change written, not yet committed
+            seen_midway.append(_dump(engine, Mailbox))
+
+    new = write_extract(tmp_path / "b.txt", mssante_lines(200, changed_share=0.3, removed_share=0.05))
+    (report,) = import_paths(engine, [new], progress=peek, force=True)
+    assert report.changed
+    assert seen_midway == [before]
+    assert _dump(engine, Mailbox) != before
