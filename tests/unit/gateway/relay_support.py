@@ -112,11 +112,12 @@ class Received:
 @dataclass
 class PeerBehaviour:
     """How the peer answers: per-recipient RCPT replies (default 250), the reply to the final dot, whether to
-    drop the connection after reading the data, and an optional gate that holds every DATA until it is set."""
+    drop the connection after reading the data (or at the RCPT of some addresses), and an optional gate that holds every DATA until it is set."""
 
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str = "250 2.0.0 Ok: queued"
     drop_in_data: bool = False
+    drop_at_rcpt: set[str] = field(default_factory=set)
     gate: asyncio.Event | None = None
 
 
@@ -129,9 +130,21 @@ class PeerHandler:
         self.sessions_in_data = 0
         self.data_seen = asyncio.Event()
         self.dropped = 0
+        self.mail_commands = 0
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        self.mail_commands += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
+        if address in self.behaviour.drop_at_rcpt:
+            self.dropped += 1
+            cast(asyncio.Transport, server.transport).abort()
+            await asyncio.Event().wait()
         reply = self.behaviour.rcpt_replies.get(address, "250 2.1.5 Ok")
         if reply.startswith("250"):
             envelope.rcpt_tos.append(address)

@@ -1,0 +1,349 @@
+"""The outbound relay client: one queued message to the next hop, answered per recipient (RFC 5321 §3.3, §4.5.4).
+
+TLS is required, never opportunistic: a peer that does not offer STARTTLS (RFC 3207) gets nothing, the peer's
+certificate must chain to the configured trust anchors (IGC-Santé in production, mssante.md §1.2) and carry the
+hop's host name (RFC 6125 via OpenSSL's check), and our own certificate is presented as a TLS client
+certificate, since MSSanté operators authenticate each other by certificate. On TLS 1.2 only the MSSanté suites
+are offered (gateway/tls.py).
+
+The SMTP dialogue uses aiosmtplib rather than a client of our own: it already does reply parsing (multi-line,
+RFC 5321 §4.2.1), dot-stuffing (§4.5.2), STARTTLS on the open transport with RFC 3207 §4.2's discard of
+pre-TLS state and buffered bytes, and per-command timeouts. What is ours, and lives here, is the policy:
+which hop to try next, TLS required, and the mapping of every outcome to a per-recipient reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+from gateway.errors import GatewayError, SmtpReplyError
+from gateway.nexthop import Hop
+from gateway.tls import MSSANTE_TLS12_CIPHERS, TLSSetupError
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[int, str]
+
+#: RFC 5321 §4.5.3.2.6: wait at least 10 minutes for the reply to the final dot.
+DATA_END_TIMEOUT = 600.0
+
+
+class RelayTLSContext(ssl.SSLContext):
+    """A verifying client context that also carries `chain_only`, its twin without the host-name check.
+
+    A static route written as an address (`[192.0.2.1]:25`) has no name to check: the operator chose the
+    address, and a peer's IGC-Santé certificate names its host, not its address, so only the chain is checked
+    there. Python sets `check_hostname` per context, not per connection, hence the twin.
+    """
+
+    chain_only: ssl.SSLContext | None = None
+
+
+def _tls_context(cls: type[ssl.SSLContext], cert: Path, key: Path, ca: Path, *, check_hostname: bool) -> ssl.SSLContext:
+    ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(MSSANTE_TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.check_hostname = check_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(f"cannot load the relay trust anchors {ca}: {exc}") from exc
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(f"cannot load the relay client certificate {cert} / key {key}: {exc}") from exc
+    return ctx
+
+
+def client_tls_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """The relay's TLS client context: TLS 1.2+ (MSSanté suites on 1.2), peers verified against `ca` with their
+    host name, `cert` (leaf, then its chain) and `key` presented as our client certificate."""
+    ctx = _tls_context(RelayTLSContext, cert, key, ca, check_hostname=True)
+    assert isinstance(ctx, RelayTLSContext)
+    ctx.chain_only = _tls_context(ssl.SSLContext, cert, key, ca, check_hostname=False)
+    return ctx
+
+
+class RelayError(SmtpReplyError):
+    """A hop could not be used; the text names the hop. All of these are transient: another hop or a later
+    attempt may work."""
+
+    def __init__(self, hop: Hop, detail: str, *, cause: str | None = None) -> None:
+        self.hop = hop
+        super().__init__(f"{self.text}: {hop}: {detail}", cause=cause or detail)
+
+
+class ConnectFailed(RelayError):
+    code = 451
+    enhanced = "4.4.1"  # RFC 3463: no answer from host
+    text = "Cannot connect to the next hop"
+
+
+class TlsRequired(RelayError):
+    code = 451
+    enhanced = "4.7.0"
+    text = "TLS required"
+
+
+class TlsFailed(RelayError):
+    code = 451
+    enhanced = "4.7.5"  # RFC 3463: cryptographic failure
+    text = "TLS with the next hop failed"
+
+
+class ConnectionLost(RelayError):
+    code = 451
+    enhanced = "4.4.2"  # RFC 3463: bad connection
+    text = "Connection to the next hop lost"
+
+
+class PeerUnusable(RelayError):
+    """The peer refused the session itself (greeting, EHLO, STARTTLS). Like Postfix's smtp_skip_5xx_greeting,
+    even a 5xx there only means "try another hop": it says nothing about the recipients."""
+
+    code = 451
+    enhanced = "4.4.0"
+    text = "The next hop refused the session"
+
+
+class RelayConfigError(GatewayError):
+    """The relay was called with arguments it cannot honour (a programming or configuration error)."""
+
+
+def _peer_reply(code: int, message: str) -> Reply:
+    """A peer's reply as (code, text with an enhanced code): the peer's own, else the class's X.0.0 (RFC 3463)."""
+    text = " ".join(message.split())
+    first = text.split(" ", 1)[0]
+    parts = first.split(".")
+    if not (len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245"):
+        text = f"{code // 100}.0.0 {text}".rstrip()
+    return code, text
+
+
+def _error_reply(exc: SmtpReplyError) -> Reply:
+    return exc.code, f"{exc.enhanced} {exc.text}"
+
+
+class _NextHop(Exception):
+    """Internal: this hop gave nothing to any recipient; try the next one with `error` as the answer so far."""
+
+    def __init__(self, error: Reply) -> None:
+        self.error = error
+
+
+def _context_for(hop: Hop, tls: ssl.SSLContext) -> tuple[ssl.SSLContext, str]:
+    """The context and the server_hostname for `hop`: the name checked, except on an address route."""
+    if hop.is_address_literal and isinstance(tls, RelayTLSContext) and tls.chain_only is not None:
+        return tls.chain_only, hop.host
+    # A plain context on an address route still checks the address against the certificate's IP SANs
+    # (stricter, never weaker).
+    return tls, hop.host
+
+
+async def relay(message: bytes, sender: str, recipients: Sequence[str], hops: Sequence[Hop], *,
+                tls: ssl.SSLContext, helo: str, timeout: float = 120) -> dict[str, Reply]:
+    """Send `message` to `recipients` through the first usable hop; every recipient gets an answer.
+
+    The next hop is tried (RFC 5321 §5.1) only while no recipient has been accepted: when a hop cannot be
+    reached, does not offer or complete TLS, refuses the session, or answers 4xx to MAIL or to every RCPT.
+    Once a recipient is accepted the session's outcome is final for this attempt: the answer to the final
+    dot applies to every accepted recipient (§4.5.4; §3.3 for one DATA per transaction), and a connection
+    lost before that answer leaves them transient (4.4.2), never delivered.
+    """
+    if tls.verify_mode != ssl.CERT_REQUIRED or not tls.check_hostname:
+        raise RelayConfigError("the relay needs a verifying TLS context (CERT_REQUIRED, check_hostname)")
+    if not hops:
+        raise RelayConfigError("no hop to relay to")
+    results: dict[str, Reply] = {}
+    pending = list(dict.fromkeys(recipients))
+    if not pending:
+        return results
+    last: Reply | None = None
+    for hop in hops:
+        try:
+            answers, accepted = await _session(hop, message, sender, pending, tls=tls, helo=helo, timeout=timeout)
+        except _NextHop as skip:
+            last = skip.error
+            log.info("relay: hop %s unusable (%d %s), %d recipient(s) pending", hop, *skip.error, len(pending))
+            continue
+        retry = [r for r in pending if 400 <= answers[r][0] < 500]
+        if accepted or not retry:
+            results.update(answers)
+            pending = []
+            break
+        # Nothing accepted, some refused temporarily: keep the permanent answers, try those elsewhere.
+        for rcpt in pending:
+            if rcpt not in retry:
+                results[rcpt] = answers[rcpt]
+        pending = retry
+        last = answers[retry[0]]
+    if pending:
+        assert last is not None
+        for rcpt in pending:
+            results[rcpt] = last
+    return results
+
+
+async def _session(hop: Hop, message: bytes, sender: str, recipients: Sequence[str], *, tls: ssl.SSLContext,
+                   helo: str, timeout: float) -> tuple[dict[str, Reply], bool]:
+    """One SMTP transaction with `hop`: the answers, and whether any RCPT was accepted (after which the outcome
+    is final for this attempt). Raises `_NextHop` when nothing was said about any recipient."""
+    ctx, server_hostname = _context_for(hop, tls)
+    smtp = aiosmtplib.SMTP(hostname=hop.connect_to, port=hop.port, local_hostname=helo, timeout=timeout,
+                           use_tls=False, start_tls=False)
+    try:
+        return await _dialogue(smtp, hop, ctx, server_hostname, message, sender, recipients, timeout)
+    finally:
+        if smtp.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await smtp.quit(timeout=min(timeout, 10))
+            smtp.close()
+
+
+async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server_hostname: str, message: bytes,
+                    sender: str, recipients: Sequence[str], timeout: float) -> tuple[dict[str, Reply], bool]:
+    # Connection, greeting, EHLO, STARTTLS, EHLO again (RFC 3207 §4.2): any failure here → next hop.
+    try:
+        await smtp.connect()
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        raise _NextHop(_error_reply(PeerUnusable(hop, f"greeting {exc.code} {exc.message}"))) from exc
+    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+        raise _NextHop(_error_reply(ConnectFailed(hop, str(exc)))) from exc
+    try:
+        await smtp.ehlo()
+        if not smtp.supports_extension("starttls"):
+            raise _NextHop(_error_reply(TlsRequired(hop, "the peer does not offer STARTTLS")))
+        await smtp.starttls(tls_context=ctx, server_hostname=server_hostname)
+        await smtp.ehlo()
+    except ssl.SSLCertVerificationError as exc:
+        raise _NextHop(_error_reply(TlsFailed(hop, f"certificate not accepted: {exc.verify_message}"))) from exc
+    except ssl.SSLError as exc:
+        raise _NextHop(_error_reply(TlsFailed(hop, exc.reason or str(exc)))) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _NextHop(_error_reply(PeerUnusable(hop, f"{exc.code} {exc.message}"))) from exc
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
+    _log_tls(smtp, hop)
+
+    options = []
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(message)}")  # RFC 1870 §6
+    if smtp.supports_extension("8bitmime") and any(b >= 0x80 for b in message):
+        options.append("BODY=8BITMIME")  # RFC 6152 §3
+    try:
+        await smtp.mail(sender, options=options)
+    except aiosmtplib.SMTPSenderRefused as exc:
+        reply = _peer_reply(exc.code, exc.message)
+        if 400 <= exc.code < 500:
+            raise _NextHop(reply) from exc
+        return dict.fromkeys(recipients, reply), False
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
+
+    answers: dict[str, Reply] = {}
+    accepted: list[str] = []
+    for rcpt in recipients:
+        try:
+            response = await smtp.rcpt(rcpt)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            answers[rcpt] = _peer_reply(exc.code, exc.message)
+            continue
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            lost = _error_reply(ConnectionLost(hop, f"during RCPT: {exc}"))
+            if not accepted:
+                raise _NextHop(lost) from exc
+            # Accepted ones included: without the answer to the final dot nothing was delivered.
+            return {r: answers[r] if r in answers and r not in accepted else lost for r in recipients}, True
+        answers[rcpt] = _peer_reply(response.code, response.message)
+        accepted.append(rcpt)
+    if not accepted:
+        return answers, False
+
+    try:
+        response = await smtp.data(message, timeout=max(timeout, DATA_END_TIMEOUT))
+    except aiosmtplib.SMTPDataError as exc:
+        final = _peer_reply(exc.code, exc.message)
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        # Lost before the answer to the final dot: the peer may or may not have the message, so it is not
+        # delivered; a retry may duplicate it, which RFC 5321 §6.1 prefers to losing it.
+        final = _error_reply(ConnectionLost(hop, f"during DATA, delivery not confirmed: {exc}"))
+    else:
+        final = _peer_reply(response.code, response.message)
+    log.info("relay: %s answered %d to DATA for %d recipient(s)", hop, final[0], len(accepted))
+    for rcpt in accepted:
+        answers[rcpt] = final
+    return answers, True
+
+
+def _log_tls(smtp: aiosmtplib.SMTP, hop: Hop) -> None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return
+    der = ssl_object.getpeercert(binary_form=True)
+    fingerprint = hashlib.sha256(der).hexdigest() if der else "none"
+    log.info("relay: TLS with %s: %s %s, peer certificate sha256 %s", hop, ssl_object.version(),
+             (ssl_object.cipher() or ("?",))[0], fingerprint)
+
+
+@dataclass(slots=True)
+class _Destination:
+    semaphore: asyncio.Semaphore
+    active: int = 0
+    waiting: int = 0
+
+
+class RelayLimiter:
+    """At most `per_destination` relay sessions per destination domain at once (issue 6, item 3), so one busy
+    or slow peer neither takes every worker nor sees more parallel connections than is polite."""
+
+    def __init__(self, per_destination: int) -> None:
+        if per_destination < 1:
+            raise ValueError("per_destination must be at least 1")
+        self.per_destination = per_destination
+        self._destinations: dict[str, _Destination] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, domain: str) -> AsyncIterator[None]:
+        key = domain.lower().rstrip(".")
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.per_destination))
+        dest.waiting += 1
+        try:
+            await dest.semaphore.acquire()
+        except BaseException:
+            dest.waiting -= 1
+            self._forget_if_idle(key, dest)
+            raise
+        dest.waiting -= 1
+        dest.active += 1
+        try:
+            yield
+        finally:
+            dest.active -= 1
+            dest.semaphore.release()
+            self._forget_if_idle(key, dest)
+
+    def _forget_if_idle(self, key: str, dest: _Destination) -> None:
+        """Drop the entry of a destination nobody uses, so the table does not grow with every domain ever seen."""
+        if dest.active == 0 and dest.waiting == 0 and self._destinations.get(key) is dest:
+            del self._destinations[key]
+
+    def active(self, domain: str) -> int:
+        dest = self._destinations.get(domain.lower().rstrip("."))
+        return dest.active if dest else 0
+
+    def waiting(self, domain: str) -> int:
+        dest = self._destinations.get(domain.lower().rstrip("."))
+        return dest.waiting if dest else 0

@@ -1,0 +1,256 @@
+"""The relay client against a real aiosmtpd peer on 127.0.0.1 with STARTTLS and client certificates required."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.devpki import DevPki
+from gateway.nexthop import Hop
+from gateway.relay import RelayConfigError, RelayLimiter, client_tls_context, relay
+from tests.unit.gateway.relay_support import (
+    PeerBehaviour,
+    closed_port,
+    peer_tls_context,
+    smtp_peer,
+    untrusted_tls_server,
+)
+
+MESSAGE = (b"From: alice@a.mssante.test\r\nTo: bob@b.mssante.test\r\nSubject: relay\r\n\r\n"
+           b"first line\r\n.a line starting with a dot\r\n\r\n..two dots\r\nlast line\r\n")
+SENDER = "alice@a.mssante.test"
+BOB = "bob@b.mssante.test"
+CAROL = "carol@b.mssante.test"
+
+
+@pytest.fixture(scope="module")
+def client_ctx(dev_pki: DevPki) -> ssl.SSLContext:
+    return client_tls_context(dev_pki.tls_server_chain, dev_pki.tls_server_key, dev_pki.ca_bundle)
+
+
+@pytest.fixture(scope="module")
+def peer_ctx(dev_pki: DevPki) -> ssl.SSLContext:
+    return peer_tls_context(dev_pki.tls_server_chain, dev_pki.tls_server_key, dev_pki.ca_bundle)
+
+
+def named(dev_pki: DevPki, port: int) -> Hop:
+    """The peer by the name in its certificate, connected at 127.0.0.1."""
+    return Hop(dev_pki.gateway_hostname, port, "127.0.0.1")
+
+
+async def test_delivers_exact_bytes_over_tls_with_our_client_certificate(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.mssante.test")
+    assert results == {BOB: (250, "2.0.0 Ok: queued"), CAROL: (250, "2.0.0 Ok: queued")}
+    [got] = peer.handler.received
+    assert got.content == MESSAGE
+    assert (got.sender, got.recipients) == (SENDER, [BOB, CAROL])
+    assert got.tls_version in ("TLSv1.2", "TLSv1.3")
+    ours = x509.load_pem_x509_certificate(dev_pki.tls_server_cert.read_bytes())
+    assert got.client_cert_der == ours.public_bytes(serialization.Encoding.DER)
+
+
+async def test_peer_without_starttls_gets_nothing(dev_pki: DevPki, client_ctx: ssl.SSLContext) -> None:
+    async with smtp_peer(None) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=client_ctx, helo="gw.a.test")
+    code, text = results[BOB]
+    assert code // 100 == 4 and text.startswith("4.7.0 TLS required")
+    assert peer.handler.mail_commands == 0 and peer.handler.received == []
+
+
+async def test_peer_certificate_outside_trust_anchors_is_refused(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, tmp_path: Path) -> None:
+    chain, key = untrusted_tls_server(tmp_path, dev_pki.gateway_hostname)
+    rogue_ctx = peer_tls_context(chain, key, dev_pki.ca_bundle)
+    async with smtp_peer(rogue_ctx) as peer:
+        by_name = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=client_ctx, helo="gw.a.test")
+        by_address = await relay(MESSAGE, SENDER, [BOB], [Hop("127.0.0.1", peer.port)], tls=client_ctx,
+                                 helo="gw.a.test")
+    for results in (by_name, by_address):
+        code, text = results[BOB]
+        assert code // 100 == 4 and text.startswith("4.7.5 "), text
+        assert "certificate" in text
+    assert peer.handler.mail_commands == 0 and peer.handler.received == []
+
+
+async def test_peer_certificate_for_another_name_is_refused(
+        client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [Hop("mx.other.test", peer.port, "127.0.0.1")],
+                              tls=client_ctx, helo="gw.a.test")
+    assert results[BOB][1].startswith("4.7.5 ")
+    assert peer.handler.mail_commands == 0
+
+
+async def test_address_route_checks_the_chain_not_the_name(
+        client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    """`[127.0.0.2]` is not in the dev certificate's SANs (only 127.0.0.1 is): the chain alone decides."""
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [Hop("127.0.0.2", peer.port, "127.0.0.1")], tls=client_ctx,
+                              helo="gw.a.test")
+    assert results[BOB][0] == 250
+    assert len(peer.handler.received) == 1
+
+
+async def test_per_recipient_answers(dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    behaviour = PeerBehaviour(rcpt_replies={CAROL: "550 5.1.1 No such user here"})
+    async with smtp_peer(peer_ctx, behaviour) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.test")
+    assert results == {BOB: (250, "2.0.0 Ok: queued"), CAROL: (550, "5.1.1 No such user here")}
+    assert [r.recipients for r in peer.handler.received] == [[BOB]]
+
+
+async def test_reply_without_enhanced_code_gets_the_class_one(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    behaviour = PeerBehaviour(rcpt_replies={CAROL: "550 nope"}, data_reply="250 fine")
+    async with smtp_peer(peer_ctx, behaviour) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.test")
+    assert results == {BOB: (250, "2.0.0 fine"), CAROL: (550, "5.0.0 nope")}
+
+
+async def test_451_at_data_is_transient_for_every_accepted_recipient(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    behaviour = PeerBehaviour(data_reply="451 4.3.0 Try again later")
+    async with smtp_peer(peer_ctx, behaviour) as peer:
+        other = await closed_port()
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL],
+                              [named(dev_pki, peer.port), named(dev_pki, other)], tls=client_ctx, helo="gw.a.test")
+    assert results == {BOB: (451, "4.3.0 Try again later"), CAROL: (451, "4.3.0 Try again later")}
+
+
+async def test_connection_lost_in_data_is_never_delivered(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    behaviour = PeerBehaviour(rcpt_replies={CAROL: "550 5.1.1 No such user"}, drop_in_data=True)
+    async with smtp_peer(peer_ctx, behaviour) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.test")
+    assert peer.handler.dropped == 1
+    code, text = results[BOB]
+    assert code // 100 == 4 and text.startswith("4.4.2 "), text
+    assert results[CAROL] == (550, "5.1.1 No such user")
+
+
+async def test_connection_lost_at_rcpt_after_an_acceptance_delivers_nothing(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    behaviour = PeerBehaviour(drop_at_rcpt={CAROL})
+    async with smtp_peer(peer_ctx, behaviour) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.test")
+    assert peer.handler.dropped == 1
+    for code, text in results.values():
+        assert code // 100 == 4 and text.startswith("4.4.2 "), text
+
+
+async def test_unreachable_first_hop_then_second(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    dead = await closed_port()
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, dead), named(dev_pki, peer.port)],
+                              tls=client_ctx, helo="gw.a.test")
+    assert results[BOB][0] == 250
+    assert len(peer.handler.received) == 1
+
+
+async def test_all_hops_unreachable_is_transient(dev_pki: DevPki, client_ctx: ssl.SSLContext) -> None:
+    hops = [named(dev_pki, await closed_port()), named(dev_pki, await closed_port())]
+    results = await relay(MESSAGE, SENDER, [BOB, CAROL], hops, tls=client_ctx, helo="gw.a.test")
+    for code, text in results.values():
+        assert code // 100 == 4 and text.startswith("4.4.1 "), text
+
+
+async def test_temporary_refusal_of_every_recipient_tries_the_next_hop(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    busy = PeerBehaviour(rcpt_replies={BOB: "450 4.2.1 Mailbox busy", CAROL: "550 5.1.1 No such user"})
+    async with smtp_peer(peer_ctx, busy) as first, smtp_peer(peer_ctx) as second:
+        results = await relay(MESSAGE, SENDER, [BOB, CAROL], [named(dev_pki, first.port), named(dev_pki, second.port)],
+                              tls=client_ctx, helo="gw.a.test")
+    assert results == {BOB: (250, "2.0.0 Ok: queued"), CAROL: (550, "5.1.1 No such user")}
+    assert first.handler.received == []
+    assert [r.recipients for r in second.handler.received] == [[BOB]]  # the permanent refusal is not retried
+
+
+async def test_non_verifying_context_is_refused(dev_pki: DevPki) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with pytest.raises(RelayConfigError):
+        await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, 25)], tls=ctx, helo="gw.a.test")
+
+
+async def test_limiter_caps_concurrent_sessions_at_the_peer(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    gate = asyncio.Event()
+    limiter = RelayLimiter(per_destination=2)
+    other_domain_ran = asyncio.Event()
+
+    async with smtp_peer(peer_ctx, PeerBehaviour(gate=gate)) as peer:
+        async def send(i: int) -> dict[str, tuple[int, str]]:
+            async with limiter.slot("b.mssante.test"):
+                return await relay(MESSAGE + b"%d\r\n" % i, SENDER, [BOB], [named(dev_pki, peer.port)],
+                                   tls=client_ctx, helo="gw.a.test")
+
+        async def elsewhere() -> None:
+            async with limiter.slot("c.mssante.test"):  # another destination is not held up
+                other_domain_ran.set()
+
+        tasks = [asyncio.create_task(send(i)) for i in range(5)]
+
+        async def saturated() -> None:
+            while not (peer.handler.in_data == 2 and limiter.waiting("b.mssante.test") == 3):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(saturated(), 30)
+        assert limiter.active("b.mssante.test") == 2
+        await asyncio.wait_for(elsewhere(), 30)
+        assert other_domain_ran.is_set()
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert all(r[BOB][0] == 250 for r in results)
+    assert peer.handler.sessions_in_data == 5
+    assert peer.handler.max_in_data == 2
+    assert sorted(r.content[-3:] for r in peer.handler.received) == [b"%d\r\n" % i for i in range(5)]
+    assert limiter.active("b.mssante.test") == 0 and limiter.waiting("b.mssante.test") == 0
+
+
+def test_limiter_refuses_zero() -> None:
+    with pytest.raises(ValueError):
+        RelayLimiter(0)
+
+
+async def test_limiter_cancelled_waiter_leaves_no_trace() -> None:
+    limiter = RelayLimiter(per_destination=1)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with limiter.slot("b.test"):
+            holding.set()
+            await release.wait()
+
+    async def wait_for_slot() -> None:
+        async with limiter.slot("B.test."):
+            raise AssertionError("the slot is held")
+
+    holder = asyncio.create_task(hold())
+    await holding.wait()
+    waiter = asyncio.create_task(wait_for_slot())
+    while limiter.waiting("b.test") != 1:
+        await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (limiter.active("b.test"), limiter.waiting("b.test")) == (1, 0)
+    release.set()
+    await holder
+    assert (limiter.active("b.test"), limiter.waiting("b.test")) == (0, 0)
+    async with limiter.slot("b.test"):  # the slot was given back
+        assert limiter.active("b.test") == 1
