@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import Engine, inspect, text
 
 from directory_sync.database import VERSION_TABLE, downgrade, make_engine, migrate
@@ -22,7 +24,7 @@ def test_migrate_is_idempotent(engine: Engine) -> None:
         assert conn.execute(text(f"SELECT count(*) FROM {VERSION_TABLE}")).scalar_one() == 1
 
 
-def test_downgrade_then_upgrade_on_a_fresh_sqlite(tmp_path) -> None:
+def test_downgrade_then_upgrade_on_a_fresh_sqlite(tmp_path: Path) -> None:
     eng = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
     migrate(eng)
     downgrade(eng)

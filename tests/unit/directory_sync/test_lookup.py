@@ -40,7 +40,7 @@ def _first(rows: list[list[str]], kind: str) -> list[str]:
     return next(r for r in rows if r[0] == kind)
 
 
-async def test_a_published_personal_mailbox_is_found_with_its_owner(directory) -> None:
+async def test_a_published_personal_mailbox_is_found_with_its_owner(directory: tuple[Engine, list[list[str]]]) -> None:
     engine, rows = directory
     row = _first(rows, "PER")
     lookup = DirectoryLookup(engine)
@@ -58,7 +58,7 @@ async def test_a_published_personal_mailbox_is_found_with_its_owner(directory) -
     assert found.certificates == ()
 
 
-async def test_domain_is_case_insensitive_local_part_is_exact(directory) -> None:
+async def test_domain_is_case_insensitive_local_part_is_exact(directory: tuple[Engine, list[list[str]]]) -> None:
     engine, rows = directory
     local, domain = _first(rows, "PER")[1].split("@")
     lookup = DirectoryLookup(engine)
@@ -71,7 +71,7 @@ async def test_domain_is_case_insensitive_local_part_is_exact(directory) -> None
         lookup.close()
 
 
-async def test_an_organisational_mailbox_carries_its_structure(directory) -> None:
+async def test_an_organisational_mailbox_carries_its_structure(directory: tuple[Engine, list[list[str]]]) -> None:
     engine, rows = directory
     row = _first(rows, "ORG")
     found = DirectoryLookup(engine).lookup_blocking(row[1])
@@ -82,7 +82,7 @@ async def test_an_organisational_mailbox_carries_its_structure(directory) -> Non
     assert found.structure_name == row[18]
 
 
-def test_only_currently_valid_encryption_certificates_are_returned(directory) -> None:
+def test_only_currently_valid_encryption_certificates_are_returned(directory: tuple[Engine, list[list[str]]]) -> None:
     engine, rows = directory
     row = _first(rows, "PER")
     day = dt.timedelta(days=1)

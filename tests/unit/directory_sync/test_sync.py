@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 
 from directory_sync.errors import DeletionBrake, MissingColumns
 from directory_sync.extracts import ExtractKind, sources
@@ -172,7 +172,7 @@ def test_columns_are_mapped_by_name_not_position(engine: Engine, tmp_path: Path)
     import_paths(engine, [write_extract(tmp_path / "s.txt", shuffled)])
     with_shuffle = _dump(engine, Mailbox)
     with engine.begin() as conn:
-        conn.execute(Mailbox.__table__.delete())
+        conn.execute(delete(Mailbox))
     import_paths(engine, [write_extract(tmp_path / "n.txt", mssante_lines(30))])
     assert _dump(engine, Mailbox) == with_shuffle
 
