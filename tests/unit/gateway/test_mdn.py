@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.dsn import RecipientStatus, build_dsn
 from gateway.mdn import MdnError, build_mdn, mdn_requested
 
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
@@ -295,3 +303,75 @@ def test_random_dnt_values_never_crash(value: bytes) -> None:
     raw = b"Disposition-Notification-To: " + value.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n\r\nx"
     result = mdn_requested(raw)
     assert result is None or "@" in result
+
+
+# an external parser: Dovecot's own MIME parser, through its imap binary in PREAUTH mode
+
+DOVECOT_IMAP = Path("/usr/lib/dovecot/imap")
+
+
+def dovecot_fetch(messages: list[bytes], items: str) -> bytes:
+    """Put the messages in a maildir and FETCH them through Dovecot (run as nobody: it refuses root)."""
+    if not DOVECOT_IMAP.exists() or shutil.which("runuser") is None:
+        pytest.skip("Dovecot's imap binary or runuser is missing")
+    root = Path(tempfile.mkdtemp(prefix="mssgw-report-"))
+    try:
+        for sub in ("new", "cur", "tmp"):
+            (root / "mail" / sub).mkdir(parents=True)
+        for i, message in enumerate(messages, 1):
+            (root / "mail" / "new" / f"{i}.eml").write_bytes(message)
+        conf = root / "dovecot.conf"
+        conf.write_text(f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = /dev/stderr\n"
+                        f"mail_location = maildir:{root}/mail:INDEX=MEMORY\n")
+        cmd = ["env", "USER=tester", f"HOME={root}", str(DOVECOT_IMAP), "-c", str(conf)]
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            root.chmod(0o755)
+            for path in [root, *root.rglob("*")]:
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            cmd = ["runuser", "-u", "nobody", "--", *cmd]
+        script = f"a SELECT INBOX\r\nb FETCH 1:* ({items})\r\nc LOGOUT\r\n".encode()
+        proc = subprocess.run(cmd, input=script, capture_output=True, timeout=60, check=False)
+        assert b"\r\nb OK" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-2000:])
+        return proc.stdout
+    finally:
+        shutil.rmtree(root)
+
+
+def literal_after(out: bytes, item: bytes) -> bytes:
+    """The (literal8 or literal) value that follows `item` in a FETCH response (RFC 3516, RFC 3501)."""
+    m = re.search(re.escape(item) + rb" ~?\{(\d+)\}\r\n", out)
+    assert m is not None, out[:2000]
+    return out[m.end():m.end() + int(m.group(1))]
+
+
+@pytest.mark.dovecot
+def test_dovecot_parses_the_dsn_and_both_mdn_forms() -> None:
+    now = NOW
+    dsn = build_dsn(original=xdm_message(), envelope_sender="servicey@a.mssante.test", queue_id="Q1",
+                    reporting_mta="mx.a.mssante.test", arrival=now - timedelta(hours=4), now=now,
+                    recipients=[RecipientStatus("bob@b.mssante.test", "failed", "5.1.1", "550 5.1.1 no such user"),
+                                RecipientStatus("carl@c.mssante.test", "delayed", "4.4.1", "451 4.4.1 timeout",
+                                                will_retry_until=now + timedelta(days=4))])
+    processed = build()
+    ko = build(error=("902", "Identifiant de patient inconnu"))
+    out = dovecot_fetch([dsn, processed, ko], "BODYSTRUCTURE")
+    lines = out.decode("utf-8", "replace").lower().split("\r\n")
+    structures = [line for line in lines if line.startswith("* ") and "fetch (bodystructure" in line]
+    assert len(structures) == 3
+    s_dsn, s_ok, s_ko = structures
+    assert '("text" "plain"' in s_dsn and '("message" "delivery-status"' in s_dsn
+    assert '("text" "rfc822-headers"' in s_dsn
+    assert re.search(r'\) "report" \("report-type" "delivery-status" "boundary" "[^"]+"\) nil nil nil\)\)$', s_dsn)
+    assert '"zip"' not in s_dsn
+    for s in (s_ok, s_ko):
+        assert '"report" ("report-type" "disposition-notification"' in s
+        assert '("message" "disposition-notification"' in s
+        assert '("message" "rfc822"' in s
+    assert s_ok.count('"application" "zip"') == 1  # inside the enclosed original only
+    assert s_ko.count('"application" "zip"') == 2  # and again at the top level
+
+    out = dovecot_fetch([ko], "BINARY.PEEK[4] BINARY.PEEK[5] BINARY.PEEK[3.2]")
+    assert literal_after(out, b"BINARY[4]") == ZIP
+    assert literal_after(out, b"BINARY[5]") == PDF
+    assert literal_after(out, b"BINARY[3.2]") == ZIP
