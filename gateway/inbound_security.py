@@ -43,8 +43,8 @@ from smime.errors import (
     UnsupportedAlgorithm,
 )
 from smime.keys import Decrypter, KeyTransportPadding, OaepHashName
-from smime.message import MAX_DEPTH, OFFLOAD_BYTES, OpenedMessage, open_message
-from smime.mime import content_type, field_name, field_value, header_fields, split_header_body
+from smime.message import MAX_DEPTH, OFFLOAD_BYTES, OpenedMessage, open_message, sender_address
+from smime.mime import content_type, field_name, field_value, header_fields, split_header_body, split_message
 from smime.report import Check, VerificationReport
 from smime.verify import AsyncIdentityCheck, IdentityCheck, match_from_address
 
@@ -57,6 +57,7 @@ MAX_BYTES = 64 * 1024 * 1024
 MAX_REASON = 300
 
 CRLF = b"\r\n"
+SMIME_SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 
 
 class Verdict(enum.StrEnum):
@@ -438,6 +439,12 @@ async def secure_inbound(raw: bytes, *, recipient: str, decrypter: Decrypter | N
         reason = f"{len(raw)} bytes, more than the {max_bytes} this gateway opens"
         failed = InboundResult(b"", Verdict.FAILED, reason, error_code=ErrorCode.TOO_LARGE)
         return await _cpu(len(raw), _deliver_original, raw, failed, None, host, recipient)
+    foreign = _foreign_signature(raw)
+    if foreign is not None:
+        outer, entity = split_message(raw)
+        plain = OpenedMessage(tuple(outer), entity, (), sender_address(outer))
+        return await _cpu(len(raw), _mark_opened, raw, plain, host, recipient,
+                          f"signed with {foreign}, which this gateway does not check: sender not authenticated")
     try:
         opened = await _open(raw, decrypter=decrypter, trust=trust, check=check, now=now, max_depth=max_depth)
     except SmimeError as exc:
@@ -453,12 +460,22 @@ async def _cpu(size: int, fn: Callable[..., InboundResult], /, *args: Any) -> In
     return fn(*args)
 
 
-def _mark_opened(raw: bytes, opened: OpenedMessage, host: str, recipient: str) -> InboundResult:
+def _foreign_signature(raw: bytes) -> str | None:
+    """The protocol of a multipart/signed that is not S/MIME (RFC 3156 OpenPGP, ...): not ours to judge."""
+    ctype = content_type(split_header_body(raw)[0])
+    protocol = (ctype.param("protocol") or "").lower()
+    if ctype.mime_type == "multipart/signed" and protocol and protocol not in SMIME_SIGNATURE_TYPES:
+        return protocol
+    return None
+
+
+def _mark_opened(raw: bytes, opened: OpenedMessage, host: str, recipient: str,
+                 reason: str | None = None) -> InboundResult:
     verdict, report, failed_check = _judge(opened)
     decrypted = next((layer.decrypted for layer in opened.layers if layer.decrypted is not None), None)
     signer = report.signer if report is not None else None
     result = InboundResult(
-        b"", verdict, _REASONS.get(verdict),
+        b"", verdict, reason or _REASONS.get(verdict),
         signer_rpps=signer.rpps if signer else None,
         signer_subject=signer.subject if signer else None,
         signer_fingerprint=signer.fingerprint_sha256 if signer else None,

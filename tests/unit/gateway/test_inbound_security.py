@@ -507,3 +507,16 @@ async def test_big_message_key_and_hook_run_on_the_gateways_loop(dev_pki, trust,
         assert result.verdict is Verdict.VERIFIED and result.stripped == 3
         assert_marked(result)
         assert split_message(result.message)[1] == entity
+
+
+async def test_openpgp_signed_is_unsigned_for_us_and_left_intact(dev_pki, trust, paul):
+    """RFC 3156 multipart/signed is not S/MIME: not judged, not failed, delivered as it came."""
+    entity = (b'Content-Type: multipart/signed; protocol="application/pgp-signature"; micalg=pgp-sha256;\r\n'
+              b' boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nHello\r\n--b1\r\n'
+              b"Content-Type: application/pgp-signature\r\n\r\n-----BEGIN PGP SIGNATURE-----\r\n"
+              b"-----END PGP SIGNATURE-----\r\n--b1--\r\n")
+    raw = join_message(outer(dev_pki), entity)
+    result = await receive(with_forged(raw), trust, paul)
+    assert result.verdict is Verdict.UNSIGNED and "application/pgp-signature" in (result.reason or "")
+    assert_marked(result)
+    assert result.message.endswith(entity) and result.stripped == 3
