@@ -26,7 +26,7 @@ from pathlib import Path
 import aiosmtplib
 
 from gateway.errors import GatewayError, SmtpReplyError
-from gateway.nexthop import Hop
+from gateway.nexthop import Hop, NextHopError, NextHopResolver
 from gateway.tls import MSSANTE_TLS12_CIPHERS, TLSSetupError
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,11 @@ async def relay(message: bytes, sender: str, recipients: Sequence[str], hops: Se
             last = skip.error
             log.info("relay: hop %s unusable (%d %s), %d recipient(s) pending", hop, *skip.error, len(pending))
             continue
+        except Exception:
+            # A bug of ours, not an answer of the peer: transient, no further hop (the peer may hold a copy).
+            log.exception("relay: unexpected error with hop %s", hop)
+            last = _error_reply(SmtpReplyError())
+            break
         retry = [r for r in pending if 400 <= answers[r][0] < 500]
         if accepted or not retry:
             results.update(answers)
@@ -241,21 +246,35 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
         options.append(f"SIZE={len(message)}")  # RFC 1870 §6
     if smtp.supports_extension("8bitmime") and any(b >= 0x80 for b in message):
         options.append("BODY=8BITMIME")  # RFC 6152 §3
+    encoding = "ascii"
+    answers: dict[str, Reply] = {}
+    if not all(a.isascii() for a in (sender, *recipients)):
+        if smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")  # RFC 6531 §3.4
+            encoding = "utf-8"
+        else:
+            # RFC 6531 §3.2: without SMTPUTF8 at the peer, a non-ASCII address cannot be sent (X.6.7, §3.5).
+            refused = (553, f"5.6.7 The next hop {hop} does not support internationalised addresses (SMTPUTF8)")
+            if not sender.isascii():
+                return dict.fromkeys(recipients, refused), False
+            answers = {r: refused for r in recipients if not r.isascii()}
+            recipients = [r for r in recipients if r.isascii()]
+            if not recipients:
+                return answers, False
     try:
-        await smtp.mail(sender, options=options)
+        await smtp.mail(sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
         reply = _peer_reply(exc.code, exc.message)
         if 400 <= exc.code < 500:
             raise _NextHop(reply) from exc
-        return dict.fromkeys(recipients, reply), False
+        return {**answers, **dict.fromkeys(recipients, reply)}, False
     except (aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
 
-    answers: dict[str, Reply] = {}
     accepted: list[str] = []
     for rcpt in recipients:
         try:
-            response = await smtp.rcpt(rcpt)
+            response = await smtp.rcpt(rcpt, encoding=encoding)
         except aiosmtplib.SMTPRecipientRefused as exc:
             answers[rcpt] = _peer_reply(exc.code, exc.message)
             continue
@@ -264,7 +283,8 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
             if not accepted:
                 raise _NextHop(lost) from exc
             # Accepted ones included: without the answer to the final dot nothing was delivered.
-            return {r: answers[r] if r in answers and r not in accepted else lost for r in recipients}, True
+            every = [*answers, *(r for r in recipients if r not in answers)]
+            return {r: answers[r] if r in answers and r not in accepted else lost for r in every}, True
         answers[rcpt] = _peer_reply(response.code, response.message)
         accepted.append(rcpt)
     if not accepted:
@@ -294,6 +314,53 @@ def _log_tls(smtp: aiosmtplib.SMTP, hop: Hop) -> None:
     fingerprint = hashlib.sha256(der).hexdigest() if der else "none"
     log.info("relay: TLS with %s: %s %s, peer certificate sha256 %s", hop, ssl_object.version(),
              (ssl_object.cipher() or ("?",))[0], fingerprint)
+
+
+def answers_for(recipients: Sequence[str], error: SmtpReplyError) -> dict[str, Reply]:
+    """The same answer for every recipient, from one of our typed errors (e.g. a `NextHopError`)."""
+    return dict.fromkeys(recipients, _error_reply(error))
+
+
+class BadRecipientAddress(SmtpReplyError):
+    code = 553
+    enhanced = "5.1.3"  # RFC 3463: bad destination mailbox address syntax
+    text = "Recipient address has no domain"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRelay:
+    """One message to all its recipients: grouped by domain (RFC 5321 §5.1 resolves per domain), each domain's
+    next hops resolved, then relayed under that domain's limiter slot. Domains are served concurrently."""
+
+    resolver: NextHopResolver
+    limiter: RelayLimiter
+    tls: ssl.SSLContext
+    helo: str
+    timeout: float = 120
+
+    async def send(self, message: bytes, sender: str, recipients: Sequence[str]) -> dict[str, Reply]:
+        by_domain: dict[str, list[str]] = {}
+        results: dict[str, Reply] = {}
+        for rcpt in dict.fromkeys(recipients):
+            local, at, domain = rcpt.rpartition("@")
+            if not at or not local or not domain:
+                results.update(answers_for([rcpt], BadRecipientAddress()))
+                continue
+            by_domain.setdefault(domain.lower().rstrip("."), []).append(rcpt)
+        for answers in await asyncio.gather(*(self._send_domain(d, message, sender, rcpts)
+                                              for d, rcpts in by_domain.items())):
+            results.update(answers)
+        return results
+
+    async def _send_domain(self, domain: str, message: bytes, sender: str, recipients: list[str]
+                           ) -> dict[str, Reply]:
+        try:
+            hops = await self.resolver.resolve(domain)  # outside the slot: a slow DNS holds no session
+        except NextHopError as exc:
+            log.info("relay: no next hop for %s: %s (%s)", domain, exc.reply(), exc.cause)
+            return answers_for(recipients, exc)
+        async with self.limiter.slot(domain):
+            return await relay(message, sender, recipients, hops, tls=self.tls, helo=self.helo, timeout=self.timeout)
 
 
 @dataclass(slots=True)

@@ -11,11 +11,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.devpki import DevPki
-from gateway.nexthop import Hop
-from gateway.relay import RelayConfigError, RelayLimiter, client_tls_context, relay
+from gateway.nexthop import Hop, NextHopResolver
+from gateway.relay import OutboundRelay, RelayConfigError, RelayLimiter, client_tls_context, relay
 from tests.unit.gateway.relay_support import (
+    DnsZone,
     PeerBehaviour,
     closed_port,
+    dns_server,
     peer_tls_context,
     smtp_peer,
     untrusted_tls_server,
@@ -254,3 +256,34 @@ async def test_limiter_cancelled_waiter_leaves_no_trace() -> None:
     assert (limiter.active("b.test"), limiter.waiting("b.test")) == (0, 0)
     async with limiter.slot("b.test"):  # the slot was given back
         assert limiter.active("b.test") == 1
+
+
+async def test_outbound_relay_resolves_each_domain_and_answers_every_recipient(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    """Through MX resolution against the test DNS server: the MX host's name is the one verified by TLS."""
+    zone = DnsZone(nxdomain={"nowhere.test."})
+    zone.add("b.mssante.test", "MX", f"10 {dev_pki.gateway_hostname}.")
+    zone.add(dev_pki.gateway_hostname, "A", "127.0.0.1")
+    zone.add("nomail.test", "MX", "0 .")
+    ghost, no_mail = "ghost@nowhere.test", "x@nomail.test"
+    async with dns_server(zone) as ns, smtp_peer(peer_ctx) as peer:
+        outbound = OutboundRelay(NextHopResolver({}, [ns], timeout=5, smtp_port=peer.port), RelayLimiter(2),
+                                 client_ctx, "gw.a.mssante.test")
+        results = await outbound.send(MESSAGE, SENDER, [BOB, ghost, CAROL, no_mail, "no-domain"])
+    assert results == {BOB: (250, "2.0.0 Ok: queued"), CAROL: (250, "2.0.0 Ok: queued"),
+                       ghost: (550, "5.1.2 Recipient domain does not exist"),
+                       no_mail: (556, "5.1.10 Recipient domain does not accept mail (null MX)"),
+                       "no-domain": (553, "5.1.3 Recipient address has no domain")}
+    assert [r.recipients for r in peer.handler.received] == [[BOB, CAROL]]
+
+
+async def test_internationalised_address_refused_when_the_peer_lacks_smtputf8(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, peer_ctx: ssl.SSLContext) -> None:
+    """aiosmtpd offers SMTPUTF8 only with enable_SMTPUTF8, which the test peer leaves off."""
+    accented = "élodie@b.mssante.test"
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [accented, BOB], [named(dev_pki, peer.port)], tls=client_ctx,
+                              helo="gw.a.test")
+    assert results[BOB][0] == 250
+    assert results[accented][0] == 553 and results[accented][1].startswith("5.6.7 ")
+    assert [r.recipients for r in peer.handler.received] == [[BOB]]
