@@ -240,7 +240,7 @@ def clean_text(text: str, limit: int = _MAX_TEXT) -> str:
 def encoded_text(text: str) -> str:
     """7-bit text for a report field: ASCII as is, other words as RFC 2047 encoded-words, on one line.
 
-    The machine-readable parts are 7-bit (RFC 8098 §3.1, RFC 3464 §2.1); the email package chooses which
+    The machine-readable parts are 7-bit (the IANA registrations in RFC 8098 and RFC 3464); the email package chooses which
     words to encode, and `field` folds the result again.
     """
     text = clean_text(text)

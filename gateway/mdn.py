@@ -65,10 +65,13 @@ def mdn_requested(message: bytes, *, return_path: str | None = None) -> str | No
 
     None when `Disposition-Notification-To` is absent, appears more than once, holds other than
     exactly one mailbox, or holds an address the gateway would not accept (addresses.parse_mailbox);
-    None as well when the message is itself an MDN (never answer an MDN with an MDN, RFC 8098 §3.1).
+    None as well when the message is itself an MDN (an MDN is never answered by an MDN, §2.1).
     When `return_path` is given (the envelope sender), or the message carries a `Return-Path`, the
-    DNT address must be that address (domain case-insensitive, local part exact): otherwise RFC 8098
-    §2.1 wants the user's consent, which an automatic gateway cannot ask for, so None.
+    DNT address must be that address (addr-spec only, domain case-insensitive, local part exact):
+    otherwise §2.1 wants the user's consent, which an automatic gateway cannot ask for, so None.
+    The caller should pass the envelope sender: §2.1 also wants consent when no return path is known
+    at all, and a message taken from the spool has no `Return-Path` field yet. Sending at most one MDN
+    per message and recipient (§2.1) is the caller's bookkeeping.
     """
     msg = _parse(message)
     if msg is None:
