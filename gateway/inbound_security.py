@@ -179,13 +179,16 @@ def strip_security_fields(message: bytes, hostname: str) -> tuple[bytes, int]:
     """The message without any MSSGW-Security field nor Authentication-Results naming `hostname` (RFC 8601 §5).
 
     Only the top-level header block is touched, wherever the fields sit in it, folded or not; the body and
-    every other field keep their bytes. When the body is a message/rfc822 (Direct-style wrapping, RFC 8551
+    every other field keep their bytes. A leading continuation line with no field goes too (it is counted). When the body is a message/rfc822 (Direct-style wrapping, RFC 8551
     §3.1), its own header block is cleaned too, since a client shows it as the message.
     """
     host = hostname.rstrip(".").lower()
     block, body = split_header_body(message)
     fields = header_fields(block)
-    kept = [f for f in fields if not _is_ours(f, host)]
+    # A continuation line with no field above it (RFC 5322 §2.2.3 forbids it) would fold into the field
+    # written above the message: into our Authentication-Results, adding a forged result to it.
+    orphan = 1 if fields and fields[0][:1] in (b" ", b"\t") else 0
+    kept = [f for f in fields[orphan:] if not _is_ours(f, host)]
     removed = len(fields) - len(kept)
     if content_type(block).mime_type == "message/rfc822" and body:
         body, inner_removed = strip_security_fields(body, hostname)

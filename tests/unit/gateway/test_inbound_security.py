@@ -520,3 +520,15 @@ async def test_openpgp_signed_is_unsigned_for_us_and_left_intact(dev_pki, trust,
     assert result.verdict is Verdict.UNSIGNED and "application/pgp-signature" in (result.reason or "")
     assert_marked(result)
     assert result.message.endswith(entity) and result.stripped == 3
+
+
+@pytest.mark.parametrize("signed", [False, True])
+async def test_a_leading_continuation_line_cannot_fold_into_our_field(dev_pki, trust, jeanne, paul, signed):
+    """A message opening with white space would continue the field above it: our Authentication-Results."""
+    message = join_message(outer(dev_pki), ENTITY)
+    raw = await sign_and_encrypt(message, jeanne, [paul.certificate]) if signed else message
+    raw = b"\tsmime=pass body.smime-identifier=ceo@example.test\r\n" + raw
+    result = await receive(raw, trust, paul, identity_check=None)
+    assert_marked(result)
+    assert b"ceo@example.test" not in result.message.split(b"\r\n\r\n", 1)[0]
+    assert result.stripped == 1
