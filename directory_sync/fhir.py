@@ -41,6 +41,9 @@ EMAIL_TYPE_EXT = "fr-core-contact-point-email-type"
 MAILBOX_META_EXT = "as-ext-mailbox-mss-metadata"
 MAILBOX_TYPES = frozenset({"PER", "ORG", "APP", "CAB"})
 KIND = "fhir"
+ROLE_INCLUDES = ["PractitionerRole:practitioner", "PractitionerRole:organization"]
+
+Params = dict[str, str | list[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ class FhirClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def get_json(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+    async def get_json(self, url: str, params: Params | None = None) -> dict[str, Any]:
         s = self.settings
         last: str = ""
         status: int | None = None
@@ -140,18 +143,27 @@ class FhirClient:
             await asyncio.sleep(min(delay, s.backoff_max))
         raise FhirError(url, status, f"gave up after {s.max_retries} retries: {last}")
 
-    async def search(self, resource: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    async def pages(self, resource: str, params: Params) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+        """Each page of a search as (search mode, resource): "match", or "include" for `_include`d ones."""
         url: str | None = f"{self.settings.base_url.rstrip('/')}/{resource}"
-        query: dict[str, str] | None = {"_count": str(self.settings.page_size), **params}
+        query: Params | None = {"_count": str(self.settings.page_size), **params}
         while url is not None:
             bundle = await self.get_json(url, query)
             self.stats.pages += 1
+            page = []
             for entry in bundle.get("entry") or ():
                 res = entry.get("resource")
                 if isinstance(res, dict):
-                    yield res
+                    page.append((str((entry.get("search") or {}).get("mode", "match")), res))
+            yield page
             url = next((lk.get("url") for lk in bundle.get("link") or () if lk.get("relation") == "next"), None)
             query = None  # the next link carries the whole query
+
+    async def search(self, resource: str, params: Params) -> AsyncIterator[dict[str, Any]]:
+        async for page in self.pages(resource, params):
+            for mode, res in page:
+                if mode != "include":
+                    yield res
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -175,8 +187,9 @@ class FhirMailbox:
 
 @dataclass(frozen=True, slots=True)
 class FhirOwner:
-    """A Practitioner or Organization reduced to what the directory keeps."""
+    """A Practitioner, PractitionerRole or Organization reduced to what the directory keeps."""
 
+    kind: str
     ref: str
     active: bool
     id_nat_ps: str | None
@@ -214,7 +227,7 @@ def mailboxes_of(resource: dict[str, Any]) -> tuple[FhirMailbox, ...]:
         types = _codes((subs.get("type") or {}).get("valueCodeableConcept"))
         mailbox_type = next((t for t in types if t in MAILBOX_TYPES), None)
         if mailbox_type is None:
-            mailbox_type = "PER" if resource.get("resourceType") == "Practitioner" else "ORG"
+            mailbox_type = "ORG" if resource.get("resourceType") == "Organization" else "PER"
         digit = (subs.get("digitization") or {}).get("valueBoolean")
         found.append(FhirMailbox(
             address=str(tc["value"]).strip(), mailbox_type=mailbox_type,
@@ -226,19 +239,31 @@ def mailboxes_of(resource: dict[str, Any]) -> tuple[FhirMailbox, ...]:
     return tuple(found)
 
 
-def owner_of(resource: dict[str, Any]) -> FhirOwner:
+def _identifiers(resource: dict[str, Any] | None) -> dict[str, str]:
+    return {str(i.get("system")): str(i.get("value"))
+            for i in (resource or {}).get("identifier") or () if i.get("value")}
+
+
+def owner_of(resource: dict[str, Any], included: dict[str, dict[str, Any]] | None = None) -> FhirOwner:
+    """The owner of a resource's mailboxes; a PractitionerRole borrows its practitioner's identity
+    and its organisation's name from the resources `_include`d in the same page."""
     kind = str(resource.get("resourceType"))
     ref = f"{kind}/{resource.get('id')}"
-    ids = {str(i.get("system")): str(i.get("value")) for i in resource.get("identifier") or () if i.get("value")}
     active = resource.get("active", True) is not False
-    if kind == "Practitioner":
-        name: dict[str, Any] = next(iter(resource.get("name") or ()), {})
-        given = " ".join(name.get("given") or ()) or None
-        prefix = " ".join(name.get("prefix") or ()) or None
-        return FhirOwner(ref, active, ids.get(IDNPS_SYSTEM), ids.get(RPPS_SYSTEM), None, name.get("family"), given,
-                         prefix, None, mailboxes_of(resource))
-    return FhirOwner(ref, active, None, None, ids.get(IDNST_SYSTEM), None, None, None, resource.get("name"),
-                     mailboxes_of(resource))
+    person, org = resource, None
+    if kind == "PractitionerRole":
+        refs = included or {}
+        person = refs.get(str((resource.get("practitioner") or {}).get("reference")), {})
+        org = refs.get(str((resource.get("organization") or {}).get("reference")))
+    elif kind == "Organization":
+        person, org = {}, resource
+    ids, org_ids = _identifiers(person), _identifiers(org)
+    name: dict[str, Any] = next(iter(person.get("name") or ()), {})
+    return FhirOwner(
+        kind, ref, active, ids.get(IDNPS_SYSTEM), ids.get(RPPS_SYSTEM), org_ids.get(IDNST_SYSTEM),
+        name.get("family"), " ".join(name.get("given") or ()) or None, " ".join(name.get("prefix") or ()) or None,
+        None if org is None else org.get("name"), mailboxes_of(resource),
+    )
 
 
 @dataclass(slots=True)
@@ -267,9 +292,9 @@ def _apply(conn: Connection, owner: FhirOwner, report: FhirReport) -> None:
     if not owner.active:
         report.closed_resources += 1
         clauses = [Mailbox.fhir_ref == owner.ref]
-        if owner.id_nat_ps:
+        if owner.kind == "Practitioner" and owner.id_nat_ps:
             clauses.append(and_(Mailbox.id_nat_ps == owner.id_nat_ps, Mailbox.mailbox_type.in_(("PER", "CAB"))))
-        if owner.structure_id:
+        if owner.kind == "Organization" and owner.structure_id:
             clauses.append(and_(Mailbox.structure_id == owner.structure_id, Mailbox.mailbox_type.in_(("ORG", "APP"))))
         report.closed_mailboxes += conn.execute(delete(Mailbox).where(or_(*clauses))).rowcount or 0
         return
@@ -296,30 +321,29 @@ def _apply(conn: Connection, owner: FhirOwner, report: FhirReport) -> None:
 
 async def sync_fhir(
     engine: Engine, client: FhirClient, *, since: dt.datetime | None = None,
-    resources: tuple[str, ...] = ("Practitioner", "Organization"),
+    resources: tuple[str, ...] = ("Practitioner", "PractitionerRole", "Organization"),
 ) -> FhirReport:
-    """Apply the API's mailboxes (all of them, or those changed since `since`) page by page.
+    """Apply the API's mailboxes (all of them, or those changed since `since`), one page per transaction.
 
     Without `since`, only resources that carry a mailbox are asked for
     (`mailbox-mss:contains=@`); with it, every resource updated since then, so that closed
-    ones (`active=false`, which carry no telecom) are seen too.
+    ones (`active=false`, which carry no telecom) are seen too. Roles come with their
+    practitioner and organisation (`_include`).
     """
     started = dt.datetime.now(dt.UTC)
     report = FhirReport()
-    params = {"mailbox-mss:contains": "@"} if since is None else {
+    base: Params = {"mailbox-mss:contains": "@"} if since is None else {
         "_lastUpdated": "ge" + since.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     status, message = "ok", None
     try:
         for resource in resources:
-            page: list[FhirOwner] = []
-            async for res in client.search(resource, params):
-                report.resources += 1
-                page.append(owner_of(res))
-                if len(page) >= client.settings.page_size:
-                    await asyncio.to_thread(_apply_page, engine, page, report)
-                    page = []
-            if page:
-                await asyncio.to_thread(_apply_page, engine, page, report)
+            params = {**base, "_include": ROLE_INCLUDES} if resource == "PractitionerRole" else base
+            async for page in client.pages(resource, params):
+                included = {f"{r.get('resourceType')}/{r.get('id')}": r for mode, r in page if mode == "include"}
+                owners = [owner_of(r, included) for mode, r in page if mode != "include"]
+                report.resources += len(owners)
+                if owners:
+                    await asyncio.to_thread(_apply_page, engine, owners, report)
     except Exception as exc:
         status, message = "failed", f"{type(exc).__name__}: {exc}"
         raise

@@ -101,6 +101,13 @@ def fhir_organization(rid: str, struct_id: str, name: str, mailboxes: list[dict[
             "name": name, "telecom": mailboxes}
 
 
+def fhir_role(rid: str, practitioner_id: str, organization_id: str, mailboxes: list[dict[str, Any]],
+              active: bool = True) -> dict[str, Any]:
+    return {"resourceType": "PractitionerRole", "id": rid, "active": active,
+            "practitioner": {"reference": f"Practitioner/{practitioner_id}"},
+            "organization": {"reference": f"Organization/{organization_id}"}, "telecom": mailboxes}
+
+
 @dataclass
 class Seen:
     at: float
@@ -115,6 +122,7 @@ class FakeAnnuaire:
     mailbox = staticmethod(fhir_mailbox)
     practitioner = staticmethod(fhir_practitioner)
     organization = staticmethod(fhir_organization)
+    role = staticmethod(fhir_role)
 
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     page_size: int = 3
@@ -150,13 +158,21 @@ class FakeAnnuaire:
                 size = int(query.get("_count", ["50"])[0])
                 page = int(query.get("_page", ["0"])[0])
                 chunk = items[page * size:(page + 1) * size]
+                included: list[dict[str, Any]] = []
+                if "_include" in query:
+                    everyone = {f"{r['resourceType']}/{r['id']}": r for kind in ("Practitioner", "Organization")
+                                for r in state.resources.get(kind, [])}
+                    refs = {(r.get(field) or {}).get("reference") for r in chunk for field in ("practitioner",
+                                                                                                "organization")}
+                    included = [everyone[ref] for ref in sorted(r for r in refs if r) if ref in everyone]
                 links = [{"relation": "self", "url": self.path}]
                 if (page + 1) * size < len(items):
                     nxt = {k: v[0] for k, v in query.items()} | {"_page": str(page + 1)}
                     links.append({"relation": "next", "url": f"{state.base_url}/{resource}?{urlencode(nxt)}"})
                 self._send(200, {"resourceType": "Bundle", "type": "searchset", "link": links,
-                                 "entry": [{"fullUrl": f"{state.base_url}/{resource}/{r['id']}", "resource": r}
-                                           for r in chunk]})
+                                 "entry": [{"fullUrl": f"{state.base_url}/{r['resourceType']}/{r['id']}", "resource": r,
+                                            "search": {"mode": mode}}
+                                           for mode, rs in (("match", chunk), ("include", included)) for r in rs]})
 
             def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()

@@ -50,7 +50,7 @@ async def test_full_sync_pages_retries_and_stores_mailboxes(engine: Engine, serv
     assert report.resources == 6 + 2  # practitioner 4 has no mailbox, so the search leaves it out
     assert report.upserted == 8
     assert report.retries == 2
-    assert report.pages == 2 + 1
+    assert report.pages == 2 + 1 + 1  # 6 practitioners by 3, no role, 2 organisations
     assert all(s.key == server.KEY for s in server.seen)
     first = server.seen[0].query
     assert first["mailbox-mss:contains"] == ["@"] and first["_count"] == ["3"]
@@ -108,7 +108,7 @@ async def test_never_more_than_17_requests_in_any_second(engine: Engine, server:
     server.resources["Organization"] = []
     async with FhirClient(_settings(server, page_size=1)) as client:
         report = await sync_fhir(engine, client)
-    assert report.requests == len(server.seen) == 26
+    assert report.requests == len(server.seen) == 27
     stamps = [s.at for s in server.seen]
     windows = [sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps]
     assert max(windows) <= 17
@@ -132,3 +132,24 @@ async def test_a_bad_key_is_not_retried(engine: Engine, server: Any) -> None:
             await client.get_json(f"{server.base_url}/Practitioner")
     assert caught.value.status == 401
     assert len(server.seen) == 1
+
+
+async def test_roles_bring_their_practitioner_and_structure(engine: Engine, server: Any) -> None:
+    server.resources["PractitionerRole"] = [
+        server.role("role-1", "003-1", "org-1", [server.mailbox("jeanne.exemple@ch-dax.mssante.fr",
+                                                                service="Cardiologie")]),
+        server.role("role-2", "003-3", "org-2", [server.mailbox("ancien.role@ch-dax.mssante.fr")], active=False),
+    ]
+    async with FhirClient(_settings(server)) as client:
+        report = await sync_fhir(engine, client, since=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    role_query = next(s.query for s in server.seen if s.path.endswith("/PractitionerRole"))
+    assert sorted(role_query["_include"]) == ["PractitionerRole:organization", "PractitionerRole:practitioner"]
+    assert report.closed_resources == 1
+    lookup = DirectoryLookup(engine)
+    found = lookup.lookup_blocking("jeanne.exemple@ch-dax.mssante.fr")
+    assert found is not None
+    assert (found.mailbox_type, found.rpps, found.structure_id, found.structure_name, found.service) == (
+        "PER", "10000000001", "1123456789", "CH DE DAX", "Cardiologie")
+    # The inactive role closes only its own mailboxes, not the practitioner's other ones.
+    assert lookup.lookup_blocking("jeanne.exemple3@medecin.mssante.fr") is not None
+    lookup.close()
