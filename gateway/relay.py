@@ -225,11 +225,15 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
         raise _NextHop(_error_reply(PeerUnusable(hop, f"greeting {exc.code} {exc.message}"))) from exc
     except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         raise _NextHop(_error_reply(ConnectFailed(hop, str(exc)))) from exc
+    negotiating = False
     try:
         await smtp.ehlo()
         if not smtp.supports_extension("starttls"):
             raise _NextHop(_error_reply(TlsRequired(hop, "the peer does not offer STARTTLS")))
+        negotiating = True
         await smtp.starttls(tls_context=ctx, server_hostname=server_hostname)
+        # With TLS 1.3 a peer refusing our certificate says so only after our side of the handshake is done:
+        # the first EHLO over TLS still counts as negotiation.
         await smtp.ehlo()
     except ssl.SSLCertVerificationError as exc:
         raise _NextHop(_error_reply(TlsFailed(hop, f"certificate not accepted: {exc.verify_message}"))) from exc
@@ -238,6 +242,8 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
     except aiosmtplib.SMTPResponseException as exc:
         raise _NextHop(_error_reply(PeerUnusable(hop, f"{exc.code} {exc.message}"))) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
+        if negotiating:
+            raise _NextHop(_error_reply(TlsFailed(hop, f"connection closed during TLS negotiation: {exc}"))) from exc
         raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
     _log_tls(smtp, hop)
 

@@ -107,6 +107,7 @@ class Received:
     content: bytes
     client_cert_der: bytes | None
     tls_version: str | None
+    cipher: str | None
 
 
 @dataclass
@@ -167,7 +168,8 @@ class PeerHandler:
             self.received.append(Received(
                 sender=envelope.mail_from, recipients=list(envelope.rcpt_tos), content=envelope.original_content,
                 client_cert_der=ssl_object.getpeercert(binary_form=True) if ssl_object else None,
-                tls_version=ssl_object.version() if ssl_object else None))
+                tls_version=ssl_object.version() if ssl_object else None,
+                cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None))
             return self.behaviour.data_reply
         finally:
             self.in_data -= 1

@@ -287,3 +287,36 @@ async def test_internationalised_address_refused_when_the_peer_lacks_smtputf8(
     assert results[BOB][0] == 250
     assert results[accented][0] == 553 and results[accented][1].startswith("5.6.7 ")
     assert [r.recipients for r in peer.handler.received] == [[BOB]]
+
+
+async def test_tls12_uses_only_the_mssante_suites(dev_pki: DevPki, client_ctx: ssl.SSLContext) -> None:
+    """Référentiel #2 ECO.1.1.3: a TLS 1.2 peer offering CHACHA20 (outside the list) first still gets an
+    MSSanté suite, and a peer offering nothing else gets no session."""
+    def tls12_peer(ciphers: str) -> ssl.SSLContext:
+        ctx = peer_tls_context(dev_pki.tls_server_chain, dev_pki.tls_server_key, dev_pki.ca_bundle)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        return ctx
+
+    async with smtp_peer(tls12_peer("ECDHE-RSA-CHACHA20-POLY1305:ECDHE-RSA-AES128-SHA256")) as peer:
+        ok = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=client_ctx, helo="gw.a.test")
+    assert ok[BOB][0] == 250
+    [got] = peer.handler.received
+    assert (got.tls_version, got.cipher) == ("TLSv1.2", "ECDHE-RSA-AES128-SHA256")
+    async with smtp_peer(tls12_peer("ECDHE-RSA-CHACHA20-POLY1305")) as peer:
+        refused = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=client_ctx, helo="gw.a.test")
+    assert refused[BOB][1].startswith("4.7.5 ")
+    assert peer.handler.mail_commands == 0
+
+
+async def test_peer_refuses_a_client_without_certificate(
+        dev_pki: DevPki, peer_ctx: ssl.SSLContext, tmp_path: Path) -> None:
+    """The test peer really requires a client certificate (so the other tests' acceptance proves ours is sent)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(dev_pki.ca_bundle))
+    async with smtp_peer(peer_ctx) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=ctx, helo="gw.a.test")
+    code, text = results[BOB]
+    assert code // 100 == 4 and text.startswith("4.7.5 "), text
+    assert peer.handler.mail_commands == 0
