@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/directory_bench.py [--scale 1.0] [--workdir DIR]
 
+At scale 1 it needs about 5 GB of disk in the work directory (deleted at the end unless
+--workdir is given) and some minutes.
+
 At scale 1: a generated 2,000,000-row PS_LibreAcces_Personne_activite file and a 550,000-row
 MSSanté file. Baseline: the sqlite3 command-line `.import` of the same files plus the same
 indexes, in the same run. Each import runs in a child process so that its peak RSS is its own.
@@ -102,7 +105,8 @@ def lookups(db: Path, addresses: list[str]) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--scale", type=float, default=float(os.environ.get("MSSGW_BENCH_DIRECTORY_SCALE", "1.0")),
+                    help="share of the national sizes (default 1.0, or $MSSGW_BENCH_DIRECTORY_SCALE)")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--lookups", type=int, default=20_000)
     args = ap.parse_args()
