@@ -1,10 +1,12 @@
 """Client of the Annuaire Santé FHIR API v2, and the increments it brings (mssante.md §2.4).
 
 - Authentication by the `ESANTE-API-KEY` header; at most 17 calls per second per application,
-  enforced here by a sliding one-second window; 429 and 5xx answers (and transport errors) are
-  retried with exponential backoff and jitter, honouring `Retry-After`.
+  enforced here by a sliding window (1.1 s: a margin for network jitter); 429 and 5xx answers
+  (and transport errors) are retried with exponential backoff and jitter, honouring `Retry-After`.
 - Searches page through `Bundle.link[relation=next]` (50 entries per page by default).
-- Mailboxes are the `telecom` entries whose `fr-core-contact-point-email-type` extension says
+- Mailboxes are read from Practitioner (PER without a structure), PractitionerRole (PER at a
+  structure; its practitioner and organisation come by `_include`) and Organization (ORG,
+  APP): the `telecom` entries whose `fr-core-contact-point-email-type` extension says
   MSSANTE; the `as-ext-mailbox-mss-metadata` extension gives their type (TRE_R257), the
   liste rouge flag, the service and the description.
 - A resource returned with `active=false` is closed: its mailboxes leave the directory.
