@@ -44,7 +44,15 @@ from smime.errors import (
 )
 from smime.keys import Decrypter, KeyTransportPadding, OaepHashName
 from smime.message import MAX_DEPTH, OFFLOAD_BYTES, OpenedMessage, open_message, sender_address
-from smime.mime import content_type, field_name, field_value, header_fields, split_header_body, split_message
+from smime.mime import (
+    content_type,
+    field_name,
+    field_value,
+    header_fields,
+    join_message,
+    split_header_body,
+    split_message,
+)
 from smime.report import Check, VerificationReport
 from smime.verify import AsyncIdentityCheck, IdentityCheck, match_from_address
 
@@ -57,6 +65,9 @@ MAX_BYTES = 64 * 1024 * 1024
 MAX_REASON = 300
 
 CRLF = b"\r\n"
+# RFC 5322 §3.6: the fields a message carries at most once.
+SINGLE_FIELDS = frozenset({"date", "from", "sender", "reply-to", "to", "cc", "bcc", "message-id", "in-reply-to",
+                           "references", "subject"})
 SMIME_SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 
 
@@ -486,14 +497,27 @@ def _mark_opened(raw: bytes, opened: OpenedMessage, host: str, recipient: str,
         encrypted=opened.encrypted,
         cipher=decrypted.cipher if decrypted else None,
     )
+    inner = header_fields(split_header_body(opened.entity)[0]) if opened.layers else []
+    inner_from = sender_address(inner) if any(field_name(f) == "from" for f in inner) else None
     if failed_check is not None:
         code = _code_of_check(failed_check)
         result = dataclasses.replace(result, reason=f"{failed_check.name}: {failed_check.reason}", error_code=code,
                                      transient=code is ErrorCode.REVOCATION_UNKNOWN)
         return _deliver_original(raw, result, report, host, recipient)
+    if verdict is Verdict.VERIFIED and (inner_from or "").lower() != (opened.sender or "").lower() \
+            and inner_from is not None:
+        why = f"sender: the signed content names From {inner_from}, the message header From {opened.sender}"
+        result = dataclasses.replace(result, verdict=Verdict.FAILED, reason=why, error_code=ErrorCode.IDENTITY)
+        return _deliver_original(raw, result, report, host, recipient)
 
-    # A plain message keeps its bytes; an opened one is the decrypted entity under the outer fields.
-    content = raw if not opened.layers else opened.message
+    # A plain message keeps its bytes; an opened one is the decrypted entity under the outer fields, where a
+    # field the entity carries itself (RFC 9788 header protection: From, Subject...) replaces the outer one.
+    if opened.layers:
+        protected = {field_name(f) for f in inner} & SINGLE_FIELDS
+        outer = [f for f in opened.outer_fields if field_name(f) not in protected]
+        content = join_message(outer, opened.entity)
+    else:
+        content = raw
     cleaned, removed = strip_security_fields(content, host)
     ours = [security_field(result, host), authentication_results_field(result, report, host)]
     log.info("inbound for %s: %s%s (layers: %s)", recipient, verdict.value,

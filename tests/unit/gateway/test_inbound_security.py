@@ -30,7 +30,7 @@ from gateway.inbound_security import (
 from smime.certpath import TrustStore
 from smime.errors import SenderMismatch
 from smime.filekeys import FileKey
-from smime.message import OFFLOAD_BYTES, encrypt_message, sign_and_encrypt
+from smime.message import OFFLOAD_BYTES, encrypt_entity, encrypt_message, sign_and_encrypt
 from smime.mime import field_name, field_value, header_fields, join_message, split_header_body, split_message
 from smime.signing import sign_entity
 from smime.verify import rpps_of
@@ -383,7 +383,8 @@ async def test_forged_field_inside_the_signed_entity_is_stripped(dev_pki, trust,
     inner = (b"Content-Type: text/plain; charset=us-ascii\r\n"
              b"MSSGW-Security: verified; by=" + HOST.encode() + b"\r\n"
              b"Authentication-Results: " + HOST.encode() + b"; smime=pass\r\n\r\nHello\r\n")
-    raw = await sign_and_encrypt(join_message(outer(dev_pki), inner), jeanne, [paul.certificate])
+    raw = join_message(outer(dev_pki), encrypt_entity(await sign_entity(inner, jeanne), [paul.certificate]))
+    assert b"MSSGW-Security" not in raw
     result = await receive(raw, trust, paul)
     assert result.verdict is Verdict.VERIFIED and result.stripped == 2
     assert_marked(result)
@@ -532,3 +533,25 @@ async def test_a_leading_continuation_line_cannot_fold_into_our_field(dev_pki, t
     assert_marked(result)
     assert b"ceo@example.test" not in result.message.split(b"\r\n\r\n", 1)[0]
     assert result.stripped == 1
+
+
+async def test_a_signed_from_other_than_the_header_from_is_not_verified(dev_pki, trust, jeanne, paul):
+    """The From a client shows must be the one checked against the signer: a second one inside fails."""
+    inner = b"From: Directeur <ceo@gw-b.mssante.test>\r\n" + ENTITY
+    raw = join_message(outer(dev_pki), encrypt_entity(await sign_entity(inner, jeanne), [paul.certificate]))
+    result = await receive(raw, trust, paul)
+    assert_delivered_as_received(result, raw)
+    assert result.error_code is ErrorCode.IDENTITY and "ceo@gw-b.mssante.test" in (result.reason or "")
+
+
+async def test_protected_fields_of_the_signed_content_replace_the_outer_ones(dev_pki, trust, jeanne, paul):
+    """RFC 9788-style: Subject and From inside the signature win over the unprotected outer copies."""
+    p = dev_pki.practitioners[0]
+    inner = f"From: Jeanne EXEMPLE <{p.email}>\r\nSubject: Résultats\r\n".encode() + ENTITY
+    raw = join_message(outer(dev_pki, subject="[...]"), encrypt_entity(await sign_entity(inner, jeanne),
+                                                                        [paul.certificate]))
+    result = await receive(raw, trust, paul)
+    assert result.verdict is Verdict.VERIFIED
+    names = [field_name(f) for f in top_fields(result.message)]
+    assert names.count("from") == 1 and names.count("subject") == 1
+    assert [field_value(f) for f in top_fields(result.message) if field_name(f) == "subject"] == ["Résultats"]
