@@ -4,7 +4,10 @@ TLS is required, never opportunistic: a peer that does not offer STARTTLS (RFC 3
 certificate must chain to the configured trust anchors (IGC-Santé in production, mssante.md §1.2) and carry the
 hop's host name (RFC 6125 via OpenSSL's check), and our own certificate is presented as a TLS client
 certificate, since MSSanté operators authenticate each other by certificate. On TLS 1.2 only the MSSanté suites
-are offered (gateway/tls.py).
+are offered (gateway/tls.py). The name checked for an MX-derived hop is the MX host's, which unsigned DNS
+supplies: what binds it to the recipient's domain is that only the trust space's CA issues the certificate;
+checking the peer certificate's DN against the whitelist entry of the domain (mssante.md §1.3) would bind it
+more tightly.
 
 The SMTP dialogue uses aiosmtplib rather than a client of our own: it already does reply parsing (multi-line,
 RFC 5321 §4.2.1), dot-stuffing (§4.5.2), STARTTLS on the open transport with RFC 3207 §4.2's discard of

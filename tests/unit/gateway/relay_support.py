@@ -12,7 +12,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import dns.exception
 import dns.flags
@@ -24,6 +24,7 @@ import dns.rrset
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.devpki import ca_name, issue_certificate, new_rsa_key, structure_name
 
@@ -224,14 +225,21 @@ def untrusted_tls_server(directory: Path, hostname: str) -> tuple[Path, Path]:
     """A server certificate for `hostname`/127.0.0.1 from a CA outside the trust anchors: (chain, key)."""
     root_key = new_rsa_key()
     root = issue_certificate(None, root_key, ca_name("ROGUE ROOT CA"), root_key.public_key(), profile="root")
+    return tls_server_from(directory, "rogue", root, root_key, hostname)
+
+
+def tls_server_from(directory: Path, label: str, ca: x509.Certificate, ca_key: rsa.RSAPrivateKey, hostname: str,
+                    **issue: Any) -> tuple[Path, Path]:
+    """A server certificate for `hostname`/127.0.0.1 issued by `ca` (extra `issue_certificate` arguments for the
+    variants: EKU, validity...), written as (chain, key) under `directory`."""
     key = new_rsa_key()
     sans: list[x509.GeneralName] = [x509.DNSName(hostname), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-    leaf = issue_certificate(root, root_key, structure_name(hostname, "00000000000000", "ROGUE"), key.public_key(),
-                             profile="tls-server", sans=sans)
+    leaf = issue_certificate(ca, ca_key, structure_name(hostname, "00000000000000", label.upper()), key.public_key(),
+                             profile="tls-server", sans=sans, **issue)
     directory.mkdir(parents=True, exist_ok=True)
-    chain = directory / "rogue-chain.pem"
-    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM))
-    key_path = directory / "rogue.key"
+    chain = directory / f"{label}-chain.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    key_path = directory / f"{label}.key"
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)

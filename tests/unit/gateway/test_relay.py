@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.devpki import DevPki
 from gateway.nexthop import Hop, NextHopResolver
@@ -20,6 +24,7 @@ from tests.unit.gateway.relay_support import (
     dns_server,
     peer_tls_context,
     smtp_peer,
+    tls_server_from,
     untrusted_tls_server,
 )
 
@@ -319,4 +324,23 @@ async def test_peer_refuses_a_client_without_certificate(
         results = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=ctx, helo="gw.a.test")
     code, text = results[BOB]
     assert code // 100 == 4 and text.startswith("4.7.5 "), text
+    assert peer.handler.mail_commands == 0
+
+
+@pytest.mark.parametrize("variant", ["client-auth-only", "expired"])
+async def test_trust_space_certificate_unfit_for_a_server_is_refused(
+        dev_pki: DevPki, client_ctx: ssl.SSLContext, tmp_path: Path, variant: str) -> None:
+    """Issued by the dev ORGANISATIONS CA (a trust anchor), but without serverAuth, or expired: refused."""
+    org_ca = x509.load_pem_x509_certificate(dev_pki.organisations_cert.read_bytes())
+    org_key = serialization.load_pem_private_key(dev_pki.organisations_key.read_bytes(), None)
+    assert isinstance(org_key, rsa.RSAPrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    issue: dict[str, Any] = (
+        {"extended_key_usage": [ExtendedKeyUsageOID.CLIENT_AUTH]} if variant == "client-auth-only"
+        else {"not_before": now - dt.timedelta(days=30), "not_after": now - dt.timedelta(days=1)})
+    chain, key = tls_server_from(tmp_path, variant, org_ca, org_key, dev_pki.gateway_hostname, **issue)
+    async with smtp_peer(peer_tls_context(chain, key, dev_pki.ca_bundle)) as peer:
+        results = await relay(MESSAGE, SENDER, [BOB], [named(dev_pki, peer.port)], tls=client_ctx, helo="gw.a.test")
+    code, text = results[BOB]
+    assert code // 100 == 4 and text.startswith("4.7.5 ") and "certificate" in text, text
     assert peer.handler.mail_commands == 0
