@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import email.utils
 import enum
 import inspect
 import logging
@@ -24,7 +25,7 @@ import quopri
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,6 +484,20 @@ def _foreign_signature(raw: bytes) -> str | None:
     return None
 
 
+def _ambiguous_from(outer: Sequence[bytes], inner: Sequence[bytes], checked: str | None) -> str | None:
+    """Why a client could show another From than the one checked against the signer (RFC 5322 §3.6.2), if so."""
+    for where, fields in (("message header", outer), ("signed content", inner)):
+        froms = [field_value(f) for f in fields if field_name(f) == "from"]
+        if len(froms) > 1:
+            return f"the {where} has {len(froms)} From fields"
+        addresses = [a for _, a in email.utils.getaddresses(froms)]
+        if len(addresses) > 1:
+            return f"the From of the {where} names {len(addresses)} mailboxes"
+        if addresses and addresses[0].lower() != (checked or "").lower():
+            return f"the {where} names From {addresses[0]}, the signer was checked against {checked}"
+    return None
+
+
 def _mark_opened(raw: bytes, opened: OpenedMessage, host: str, recipient: str,
                  reason: str | None = None) -> InboundResult:
     verdict, report, failed_check = _judge(opened)
@@ -498,17 +513,17 @@ def _mark_opened(raw: bytes, opened: OpenedMessage, host: str, recipient: str,
         cipher=decrypted.cipher if decrypted else None,
     )
     inner = header_fields(split_header_body(opened.entity)[0]) if opened.layers else []
-    inner_from = sender_address(inner) if any(field_name(f) == "from" for f in inner) else None
     if failed_check is not None:
         code = _code_of_check(failed_check)
         result = dataclasses.replace(result, reason=f"{failed_check.name}: {failed_check.reason}", error_code=code,
                                      transient=code is ErrorCode.REVOCATION_UNKNOWN)
         return _deliver_original(raw, result, report, host, recipient)
-    if verdict is Verdict.VERIFIED and (inner_from or "").lower() != (opened.sender or "").lower() \
-            and inner_from is not None:
-        why = f"sender: the signed content names From {inner_from}, the message header From {opened.sender}"
-        result = dataclasses.replace(result, verdict=Verdict.FAILED, reason=why, error_code=ErrorCode.IDENTITY)
-        return _deliver_original(raw, result, report, host, recipient)
+    if verdict is Verdict.VERIFIED:
+        why = _ambiguous_from(opened.outer_fields, inner, opened.sender)
+        if why is not None:
+            result = dataclasses.replace(result, verdict=Verdict.FAILED, reason=f"sender: {why}",
+                                         error_code=ErrorCode.IDENTITY)
+            return _deliver_original(raw, result, report, host, recipient)
 
     # A plain message keeps its bytes; an opened one is the decrypted entity under the outer fields, where a
     # field the entity carries itself (RFC 9788 header protection: From, Subject...) replaces the outer one.

@@ -555,3 +555,17 @@ async def test_protected_fields_of_the_signed_content_replace_the_outer_ones(dev
     names = [field_name(f) for f in top_fields(result.message)]
     assert names.count("from") == 1 and names.count("subject") == 1
     assert [field_value(f) for f in top_fields(result.message) if field_name(f) == "subject"] == ["Résultats"]
+
+
+@pytest.mark.parametrize("extra", [b"From: ceo@gw-b.mssante.test\r\n", None])
+async def test_a_second_from_or_mailbox_in_the_header_is_not_verified(dev_pki, trust, jeanne, paul, extra):
+    p = dev_pki.practitioners[0]
+    fields = outer(dev_pki)
+    if extra is None:
+        fields[0] = f"From: Jeanne <{p.email}>, Directeur <ceo@gw-b.mssante.test>\r\n".encode()
+    else:
+        fields.append(extra)
+    raw = await sign_and_encrypt(join_message(fields, ENTITY), jeanne, [paul.certificate])
+    result = await receive(raw, trust, paul)
+    assert_delivered_as_received(result, raw)
+    assert result.error_code is ErrorCode.IDENTITY
