@@ -23,7 +23,6 @@ import inspect
 import logging
 import quopri
 import re
-import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from smime.mime import (
     field_value,
     header_fields,
     join_message,
+    new_boundary,
     split_header_body,
     split_message,
 )
@@ -316,10 +316,7 @@ def _wrap_original(raw: bytes, ours: list[bytes], result: InboundResult, hostnam
     block, _body = split_header_body(cleaned)
     outer = [f if f.endswith((b"\n", b"\r")) else f + CRLF for f in header_fields(block)
              if not field_name(f).startswith("content-") and field_name(f) != "mime-version"]
-    boundary = "----=_mssgw_" + secrets.token_hex(12)
-    while boundary.encode() in raw:
-        boundary = "----=_mssgw_" + secrets.token_hex(12)
-    b = boundary.encode()
+    b = new_boundary(raw).encode()
     cte = b"7bit" if raw.isascii() else b"8bit"
     tail = b"" if raw.endswith((b"\n", b"\r")) else CRLF
     return b"".join([
