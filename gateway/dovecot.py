@@ -325,22 +325,26 @@ class DovecotSupervisor:
         pidfile = base / "master.pid"
         try:
             pid = int(pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return
-        if str(self.conf_path).encode() not in cmdline:
-            return
-        log.warning("stopping a Dovecot left over by a previous run (pid %d)", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if _alive(pid):
+        if _alive(pid):  # a zombie's cmdline is empty: for one, only the pid file is left to clear
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                cmdline = []
+            if str(self.conf_path).encode() not in cmdline:
+                return
+            log.warning("stopping a Dovecot left over by a previous run (pid %d)", pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                await asyncio.sleep(0.05)
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while _alive(pid):
+                    await asyncio.sleep(0.05)
         pidfile.unlink(missing_ok=True)
         deadline = time.monotonic() + self.stop_timeout
         while time.monotonic() < deadline:
