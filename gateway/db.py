@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, inspect, text
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.engine import make_url
 
 from config.loader import read_secret
@@ -52,6 +53,22 @@ def create_tables(engine: Engine) -> None:
     from gateway import accounts, spool  # noqa: F401
 
     metadata.create_all(engine)
+    _add_missing_columns(engine)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to an existing table since it was created (the gateway's tables only grow)."""
+    existing = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            if not existing.has_table(table.name):
+                continue
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+                    log.info("database: added column %s.%s", table.name, column.name)
 
 
 def _sqlite_pragmas(durable: bool) -> Callable[[Any, Any], None]:

@@ -51,6 +51,10 @@ from gateway.errors import GatewayError
 log = logging.getLogger(__name__)
 
 State = Literal["incoming", "active", "deferred", "hold", "done", "failed"]
+# Where a message came from, which decides what the worker does with it: mail a local client
+# submitted (signed, encrypted and relayed to other gateways; plain to local mailboxes), or mail
+# a peer gateway handed us (decrypted, verified, marked, delivered).
+Direction = Literal["submission", "inbound"]
 RecipientState = Literal["pending", "done", "failed"]
 Outcome = Literal["done", "failed", "retry"]  # of one delivery attempt, for one recipient
 
@@ -61,6 +65,7 @@ queue = Table(
     Column("state", String(16), nullable=False, index=True),
     Column("sender", String(320), nullable=False),
     Column("account", String(320), nullable=True),
+    Column("direction", String(16), nullable=False, server_default="submission"),
     Column("size", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False, index=True),
@@ -100,6 +105,7 @@ class QueuedMessage:
     attempts: int
     pending: tuple[str, ...]
     """Recipients not yet delivered nor failed."""
+    direction: Direction = "submission"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ class Incoming:
     recipients: tuple[str, ...]
     data: bytes
     account: str | None
+    direction: Direction = "submission"
 
 
 class Spool:
@@ -196,8 +203,9 @@ class Spool:
             _fsync_dir(self._msg)
             with self._engine.begin() as conn:
                 conn.execute(insert(queue), [
-                    {"id": qid, "state": state, "sender": m.sender, "account": m.account, "size": len(m.data),
-                     "created_at": now, "next_attempt_at": now, "attempts": 0} for qid, m in zip(ids, batch)])
+                    {"id": qid, "state": state, "sender": m.sender, "account": m.account, "direction": m.direction,
+                     "size": len(m.data), "created_at": now, "next_attempt_at": now, "attempts": 0}
+                    for qid, m in zip(ids, batch)])
                 conn.execute(insert(queue_recipients), [
                     {"queue_id": qid, "address": r, "state": "pending"}
                     for qid, m in zip(ids, batch) for r in m.recipients])
@@ -205,7 +213,7 @@ class Spool:
             for qid in ids:
                 self.path(qid).unlink(missing_ok=True)
             raise
-        return [QueuedMessage(qid, m.sender, m.account, len(m.data), now, 0, m.recipients)
+        return [QueuedMessage(qid, m.sender, m.account, len(m.data), now, 0, m.recipients, m.direction)
                 for qid, m in zip(ids, batch)]
 
     def _write_file(self, queue_id: str, data: bytes) -> OSError | None:
@@ -283,7 +291,7 @@ class Spool:
                 pending[r.queue_id].append(r.address)
         by_id = {r.id: r for r in rows}
         return [QueuedMessage(i, by_id[i].sender, by_id[i].account, by_id[i].size, _utc(by_id[i].created_at),
-                              by_id[i].attempts, tuple(pending[i])) for i in ids]
+                              by_id[i].attempts, tuple(pending[i]), by_id[i].direction) for i in ids]
 
     def record(self, msg: QueuedMessage, results: Sequence[RecipientResult], now: datetime | None = None) -> State:
         """Write the outcome of one attempt; returns the message's new state.

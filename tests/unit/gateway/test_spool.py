@@ -171,3 +171,21 @@ def test_hold_release_and_delete(spool: Spool) -> None:
     spool.release_active(held)
     assert spool.delete(held)
     assert not spool.path(held).exists() and spool.entries() == []
+
+
+def test_an_older_queue_table_gains_the_new_columns(tmp_path: Path) -> None:
+    eng = make_engine(DatabaseConfig(url=f"sqlite:///{tmp_path / 'old.db'}"))
+    with eng.begin() as conn:  # the queue table as the first release created it
+        conn.exec_driver_sql("CREATE TABLE queue (id VARCHAR(32) PRIMARY KEY, state VARCHAR(16) NOT NULL, "
+                             "sender VARCHAR(320) NOT NULL, account VARCHAR(320), size INTEGER NOT NULL, "
+                             "created_at DATETIME NOT NULL, next_attempt_at DATETIME NOT NULL, "
+                             "attempts INTEGER NOT NULL, last_error TEXT)")
+        conn.exec_driver_sql("INSERT INTO queue VALUES ('OLD', 'deferred', 'a@x.test', NULL, 1, "
+                             "'2026-01-01 00:00:00', '2026-01-01 00:00:00', 1, NULL)")
+    create_tables(eng)
+    spool = Spool(tmp_path / "spool", eng)
+    [entry] = spool.entries()
+    assert entry.id == "OLD"
+    with eng.connect() as conn:
+        assert conn.execute(select(queue.c.direction)).scalar_one() == "submission"
+    eng.dispose()
