@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event, inspect, text
-from sqlalchemy.schema import CreateColumn
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import CreateColumn
 
 from config.loader import read_secret
 from config.schema import DatabaseConfig
