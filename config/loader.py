@@ -96,6 +96,10 @@ def _convert(tp: Any, value: Any, ctx: _Ctx, key: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(ctx.file, key, f"expected one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(ctx.file, key, "expected a table")
+        return {str(k): _convert(args[1], v, ctx, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(ctx.file, key, "expected a list")

@@ -64,6 +64,46 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InboundConfig:
+    """The port-25 listener for peer gateways of the trust space (STARTTLS and a client certificate required)."""
+
+    listen: Listener
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """How mail for other gateways leaves: the next hop by static route or MX (RFC 5321 §5.1), over TLS.
+
+    `routes` maps a domain to "host", "host:port" or "[ip]:port" and wins over DNS; `nameservers`
+    ("ip" or "ip:port") replace the system resolver when given.
+    """
+
+    routes: dict[str, str] = field(default_factory=dict)
+    nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 10.0
+    per_destination: int = 5
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFileConfig:
+    """An organisation mailbox's key and certificate (PEM; the certificate file may hold the chain after it)."""
+
+    account: str
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SmimeConfig:
+    """S/MIME: the trust anchors and CRLs of the trust space, and the keys of local accounts."""
+
+    trust_anchors: Path
+    crls: Path | None = None
+    keys: tuple[KeyFileConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
@@ -117,6 +157,9 @@ class GatewayConfig:
     mailboxes: DovecotConfig
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    inbound: InboundConfig | None = None
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    smime: SmimeConfig | None = None
     source: Path | None = None
 
     def is_local_domain(self, domain: str) -> bool:

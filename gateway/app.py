@@ -1,6 +1,7 @@
 """The composition root: the only place that names concrete classes and wires them together.
 
-Start order: database → spool recovery → Dovecot (embedded) → delivery worker → listeners.
+Start order: database (and the directory's migrations) → keys and trust → spool recovery →
+Dovecot (embedded) → delivery worker → listeners.
 Stop order is the reverse, so that nothing is accepted that cannot be stored, and every
 delivery in flight ends before Dovecot goes.
 """
@@ -12,16 +13,21 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
 
 from config.schema import GatewayConfig
-from gateway import lmtp
+from directory_sync.database import migrate as migrate_directory
+from directory_sync.lookup import DirectoryLookup
+from directory_sync.whitelist import TrustSpace
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
 from gateway.delivery import DeliveryWorker
 from gateway.dovecot import DovecotSupervisor
+from gateway.lmtp import LmtpPool
+from gateway.nexthop import NextHopResolver
+from gateway.pipeline import KeyRing, Pipeline, load_trust
+from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
 from gateway.spool import GroupCommitter, Spool
-from gateway.submission import SubmissionHandler, start_submission
+from gateway.submission import RemotePolicy, SubmissionHandler, start_submission
 from gateway.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -35,18 +41,34 @@ class Gateway:
         self.accounts = AccountStore(self.engine)
         self.spool = Spool(cfg.spool.dir, self.engine, self.bookkeeping)
         self.dovecot = DovecotSupervisor(cfg) if cfg.mailboxes.mode == "embedded" else None
-        self.lmtp = lmtp.LmtpPool(cfg.mailboxes.lmtp_endpoint, size=cfg.spool.workers, helo=cfg.hostname)
-        self.worker = DeliveryWorker(self.spool, self._deliver_local, concurrency=cfg.spool.workers)
+        self.lmtp = LmtpPool(cfg.mailboxes.lmtp_endpoint, size=cfg.spool.workers, helo=cfg.hostname)
+        self.directory = DirectoryLookup(self.engine)
+        self.trust_space = TrustSpace(self.engine)
+        self.relay = _relay(cfg)
+        self.pipeline: Pipeline | None = None
+        self.worker: DeliveryWorker | None = None
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         await asyncio.to_thread(create_tables, self.engine)
+        await asyncio.to_thread(migrate_directory, self.engine)
+        await asyncio.to_thread(self.trust_space.reload)
+        keys = await asyncio.to_thread(KeyRing.load, self.cfg.smime)
+        trust = await asyncio.to_thread(load_trust, self.cfg.smime)
+        self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
+                                 trust=trust)
+        self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify_failures=self.pipeline.notify_failures,
+                                     concurrency=self.cfg.spool.workers)
         await asyncio.to_thread(self.spool.recover)
         if self.dovecot is not None:
             await self.dovecot.start()
             await self.dovecot.wait_ready()
         self.worker.start()
-        handler = SubmissionHandler(self.cfg, self.accounts, GroupCommitter(self.spool), self.worker.enqueue)
+        committer = GroupCommitter(self.spool)
+        handler = SubmissionHandler(self.cfg, self.accounts, committer, self.worker.enqueue,
+                                    remote=RemotePolicy(self.directory, self.trust_space,
+                                                        lambda account: keys.key_for(account) is not None)
+                                    if self.relay is not None else None)
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
         log.info("gateway ready")
 
@@ -55,7 +77,8 @@ class Gateway:
             server.close()
         for server in self._servers:
             await server.wait_closed()
-        await self.worker.stop()
+        if self.worker is not None:
+            await self.worker.stop()
         await self.lmtp.close()
         if self.dovecot is not None:
             await self.dovecot.stop()
@@ -63,9 +86,16 @@ class Gateway:
         self.bookkeeping.dispose()
         log.info("gateway stopped")
 
-    async def _deliver_local(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, tuple[int, str]]:
-        replies = await self.lmtp.deliver(sender, recipients, message)
-        return {rcpt: (r.code, " ".join(p for p in (r.enhanced, r.text) if p)) for rcpt, r in replies.items()}
+
+def _relay(cfg: GatewayConfig) -> OutboundRelay | None:
+    """The relay to other gateways, when the configuration gives the trust anchors to check them with."""
+    if cfg.tls.ca is None:
+        return None
+    nameservers = [(h, int(p or 53)) for h, _, p in (n.partition(":") for n in cfg.relay.nameservers)]
+    return OutboundRelay(NextHopResolver(cfg.relay.routes, nameservers, cfg.relay.dns_timeout),
+                         RelayLimiter(cfg.relay.per_destination),
+                         client_tls_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca), helo=cfg.hostname,
+                         timeout=cfg.relay.timeout)
 
 
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:

@@ -19,12 +19,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from gateway.logsetup import queue_id
-from gateway.spool import Outcome, QueuedMessage, RecipientResult, Spool
+from gateway.spool import QueuedMessage, RecipientResult, Spool
 
 log = logging.getLogger(__name__)
 
-# deliver(sender, recipients, message) -> {recipient: (code, reply text)}
-Deliver = Callable[[str, Sequence[str], bytes], Awaitable[dict[str, tuple[int, str]]]]
+# process(message, its bytes) -> one result per pending recipient (gateway.pipeline.Pipeline.process)
+Process = Callable[[QueuedMessage, bytes], Awaitable[list[RecipientResult]]]
+# notify(message, the recipients that finally failed, its bytes): the failure DSN
+Notify = Callable[[QueuedMessage, Sequence[RecipientResult], bytes], Awaitable[None]]
 
 # How often the database is asked for due messages when nothing else wakes the worker.
 POLL_INTERVAL = 2.0
@@ -34,9 +36,11 @@ PURGE_INTERVAL = 3600.0
 
 
 class DeliveryWorker:
-    def __init__(self, spool: Spool, deliver: Deliver, *, concurrency: int = 4) -> None:
+    def __init__(self, spool: Spool, process: Process, *, notify_failures: Notify | None = None,
+                 concurrency: int = 4) -> None:
         self._spool = spool
-        self._deliver = deliver
+        self._process = process
+        self._notify_failures = notify_failures
         self._concurrency = max(1, concurrency)
         self._ready: deque[QueuedMessage] = deque()
         self._wake = asyncio.Event()
@@ -117,11 +121,16 @@ class DeliveryWorker:
 
     async def _attempt(self, msg: QueuedMessage) -> None:
         queue_id.set(msg.id)
+        data = b""
         try:
-            results = await self._deliver_once(msg)
+            data = await asyncio.to_thread(self._spool.read, msg.id)
+            results = await self._process(msg, data) if msg.pending else []
         except asyncio.CancelledError:
             await asyncio.to_thread(self._spool.release_active, msg.id)
             raise
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the message waits for its next attempt
+            log.warning("delivery attempt failed: %s", exc)
+            results = [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in msg.pending]
         try:
             state = await asyncio.to_thread(self._spool.record, msg, results)
         except Exception:
@@ -130,19 +139,9 @@ class DeliveryWorker:
         for r in results:
             log.info("to=<%s> status=%s reply=%r", r.address, r.state, r.reply)
         log.info("message %s", state)
-
-    async def _deliver_once(self, msg: QueuedMessage) -> list[RecipientResult]:
-        if not msg.pending:
-            return []
-        try:
-            data = await asyncio.to_thread(self._spool.read, msg.id)
-            replies = await self._deliver(msg.sender, msg.pending, data)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, the message waits for its next attempt
-            log.warning("delivery attempt failed: %s", exc)
-            return [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in msg.pending]
-        results = []
-        for rcpt in msg.pending:
-            code, text = replies.get(rcpt, (451, "4.4.0 no reply for this recipient"))
-            state: Outcome = "done" if 200 <= code < 300 else "retry" if code < 500 else "failed"
-            results.append(RecipientResult(rcpt, state, f"{code} {text}"))
-        return results
+        failed = [r for r in results if r.state == "failed" or (state == "failed" and r.state == "retry")]
+        if failed and self._notify_failures is not None:
+            try:
+                await self._notify_failures(msg, failed, data)
+            except Exception:
+                log.exception("cannot send the failure notice")

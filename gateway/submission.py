@@ -20,11 +20,15 @@ import re
 import secrets
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from config.schema import GatewayConfig
+from directory_sync.errors import DirectoryError
+from directory_sync.lookup import DirectoryLookup
+from directory_sync.whitelist import TrustSpace
 from gateway.accounts import AccountStore
 from gateway.addresses import AddressError, parse_mailbox
 from gateway.logsetup import conn_id, queue_id
@@ -78,13 +82,24 @@ class ConnectionLimiter:
         self.active = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RemotePolicy:
+    """What a RCPT for another gateway needs (issue 6, item 1): a directory mailbox of a trust-space
+    domain with a usable encryption certificate, and a sender whose account has a signing key."""
+
+    directory: DirectoryLookup
+    trust_space: TrustSpace
+    has_key: Callable[[str], bool]
+
+
 class SubmissionHandler:
     """The policy of the submission port, as aiosmtpd handler hooks."""
 
     def __init__(self, cfg: GatewayConfig, accounts: AccountStore, spool: GroupCommitter,
-                 on_queued: Callable[[QueuedMessage], None]) -> None:
+                 on_queued: Callable[[QueuedMessage], None], *, remote: RemotePolicy | None = None) -> None:
         self._cfg = cfg
         self._accounts = accounts
+        self._remote = remote
         self._spool = spool
         self._on_queued = on_queued
 
@@ -122,13 +137,35 @@ class SubmissionHandler:
         except AddressError as exc:
             return f"553 5.1.3 Bad recipient address: {exc}"
         if not self._cfg.is_local_domain(rcpt.domain):
-            return f"550 5.7.1 Relaying to {rcpt.domain} is not allowed: this gateway delivers only to its own domains"
-        if not await asyncio.to_thread(self._accounts.is_mailbox, str(rcpt)):
+            refusal = await self._check_remote(str(session.auth_data), str(rcpt), rcpt.domain)
+            if refusal is not None:
+                return refusal
+        elif not await asyncio.to_thread(self._accounts.is_mailbox, str(rcpt)):
             return f"550 5.1.1 <{rcpt}>: no such mailbox here"
         if str(rcpt) not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(str(rcpt))
             envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
+
+    async def _check_remote(self, account: str, rcpt: str, domain: str) -> str | None:
+        """None when `rcpt` of another gateway may be written to, else the refusal (DESIGN.md flow 1)."""
+        policy = self._remote
+        if policy is None:
+            return f"550 5.7.1 Relaying to {domain} is not allowed: this gateway delivers only to its own domains"
+        if not policy.trust_space.is_trust_space_domain(domain):
+            return f"550 5.7.1 {domain} is not in the MSSanté trust space"
+        if not policy.has_key(account):
+            return "550 5.7.1 Your account has no signing key: it can write to local mailboxes only"
+        try:
+            entry = await policy.directory.lookup(rcpt)
+        except DirectoryError as exc:
+            log.warning("directory lookup failed: %s", exc)
+            return "451 4.4.3 The MSSanté directory cannot be read right now, please try again later"
+        if entry is None:
+            return f"550 5.1.1 <{rcpt}> is not in the MSSanté directory"
+        if not entry.certificates:
+            return f"550 5.7.1 <{rcpt}> has no usable encryption certificate in the MSSanté directory"
+        return None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""

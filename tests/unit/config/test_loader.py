@@ -96,3 +96,20 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         load(write(tmp_path, "hostname = "))
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml")
+
+
+def test_relay_routes_and_key_files(tmp_path: Path) -> None:
+    text = MINIMAL + """
+[relay]
+routes = { "b.mssante.test" = "127.0.0.1:10025" }
+nameservers = ["127.0.0.1:5353"]
+[smime]
+trust_anchors = "anchors.pem"
+keys = [{ account = "secretariat@a.test", cert = "org.crt", key = "org.key" }]
+"""
+    cfg = load(write(tmp_path, text))
+    assert cfg.relay.routes == {"b.mssante.test": "127.0.0.1:10025"}
+    assert cfg.smime is not None and cfg.smime.keys[0].key == tmp_path / "org.key"
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text.replace('"127.0.0.1:10025"', "25")))
+    assert info.value.key == "relay.routes.b.mssante.test"

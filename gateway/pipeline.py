@@ -1,0 +1,174 @@
+"""What the worker does with one queued message (DESIGN.md, flows 1 and 2).
+
+Submitted mail: local recipients get it as it is, over LMTP (it never left this gateway);
+recipients of other gateways get it signed with the sender's key and encrypted to each of
+them and to the sender (smime.sign_and_encrypt), relayed over mutually authenticated TLS.
+Inbound mail: decrypted with the recipient's key, verified, marked (gateway.inbound_security),
+then delivered over LMTP; a message that cannot be opened is still delivered, marked.
+
+Keys are organisation key files for now; CPS cards plug in through the same `Signer` /
+`Decrypter` protocols (smime/keys.py) when the card worker is wired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from config.schema import GatewayConfig, SmimeConfig
+from directory_sync.errors import DirectoryError
+from directory_sync.lookup import DirectoryLookup
+from gateway.dsn import RecipientStatus, build_dsn
+from gateway.inbound_security import secure_inbound
+from gateway.lmtp import LmtpError, LmtpPool
+from gateway.relay import OutboundRelay
+from gateway.spool import QueuedMessage, RecipientResult
+from smime.certpath import TrustStore
+from smime.errors import SmimeError
+from smime.filekeys import FileKey
+from smime.message import sign_and_encrypt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """The private keys of local accounts, by account address."""
+
+    keys: dict[str, FileKey]
+
+    @classmethod
+    def load(cls, cfg: SmimeConfig | None) -> KeyRing:
+        """Read the configured key files (blocking: call from a thread)."""
+        keys: dict[str, FileKey] = {}
+        for entry in cfg.keys if cfg is not None else ():
+            keys[entry.account.lower()] = FileKey.from_pem(Path(entry.key).read_bytes(), Path(entry.cert).read_bytes())
+        return cls(keys)
+
+    def key_for(self, account: str | None) -> FileKey | None:
+        return self.keys.get(account.lower()) if account else None
+
+
+def load_trust(cfg: SmimeConfig | None) -> TrustStore | None:
+    """The trust anchors and CRLs (blocking: call from a thread)."""
+    if cfg is None:
+        return None
+    crls = cfg.crls.read_bytes() if cfg.crls is not None else b""
+    return TrustStore.from_pem(cfg.trust_anchors.read_bytes(), crls)
+
+
+class Pipeline:
+    def __init__(self, cfg: GatewayConfig, lmtp: LmtpPool, *, relay: OutboundRelay | None = None,
+                 keys: KeyRing | None = None, directory: DirectoryLookup | None = None,
+                 trust: TrustStore | None = None) -> None:
+        self._cfg = cfg
+        self._lmtp = lmtp
+        self._relay = relay
+        self._keys = keys or KeyRing({})
+        self._directory = directory
+        self._trust = trust
+
+    async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
+        if msg.direction == "inbound":
+            return await self._inbound(msg, data)
+        local = [r for r in msg.pending if self._cfg.is_local_domain(_domain(r))]
+        remote = [r for r in msg.pending if r not in local]
+        results: list[RecipientResult] = []
+        if local:
+            results += await self._to_mailboxes(msg.sender, local, data)
+        if remote:
+            results += await self._outbound(msg, remote, data)
+        return results
+
+    async def _to_mailboxes(self, sender: str, recipients: Sequence[str], data: bytes) -> list[RecipientResult]:
+        try:
+            replies = await self._lmtp.deliver(sender, recipients, data)
+        except (LmtpError, OSError) as exc:
+            return [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in recipients]
+        return [_result(r, replies[r].code, " ".join(p for p in (replies[r].enhanced, replies[r].text) if p))
+                for r in recipients]
+
+    async def _outbound(self, msg: QueuedMessage, recipients: list[str], data: bytes) -> list[RecipientResult]:
+        key = self._keys.key_for(msg.account)
+        if self._relay is None or self._directory is None or key is None:
+            why = "no relay configured" if self._relay is None else "no directory" if self._directory is None \
+                else f"no signing key for account {msg.account}"
+            return [RecipientResult(r, "failed", f"554 5.7.1 Cannot send to another gateway: {why}")
+                    for r in recipients]
+        results: list[RecipientResult] = []
+        certificates: list[x509.Certificate] = []
+        sendable: list[str] = []
+        for rcpt in recipients:
+            try:
+                entry = await self._directory.lookup(rcpt)
+            except DirectoryError as exc:
+                results.append(RecipientResult(rcpt, "retry", f"451 4.4.3 Directory unavailable: {exc}"))
+                continue
+            certs = [x509.load_der_x509_certificate(c.der) for c in entry.certificates] if entry else []
+            if not certs:
+                results.append(RecipientResult(rcpt, "failed",
+                                               "550 5.7.1 No usable encryption certificate in the directory"))
+                continue
+            certificates += certs
+            sendable.append(rcpt)
+        if not sendable:
+            return results
+        try:
+            sealed = await sign_and_encrypt(data, key, certificates, sender_encryption_certificate=key.certificate,
+                                            chain=key.chain)
+        except SmimeError as exc:
+            log.error("cannot sign and encrypt: %s", exc)
+            return results + [RecipientResult(r, "failed", f"554 5.7.0 Cannot sign and encrypt: {exc}")
+                              for r in sendable]
+        replies = await self._relay.send(sealed, msg.sender, sendable)
+        return results + [_result(r, *replies[r]) for r in sendable]
+
+    async def _inbound(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
+        if self._trust is None:
+            return [RecipientResult(r, "retry", "451 4.7.5 No trust anchors configured") for r in msg.pending]
+        results = []
+        for rcpt in msg.pending:
+            opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.key_for(rcpt),
+                                          trust=self._trust, identity_check=None, hostname=self._cfg.hostname)
+            log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict,
+                     f" ({opened.reason})" if opened.reason else "")
+            if opened.transient:
+                results.append(RecipientResult(rcpt, "retry", f"451 4.7.5 {opened.reason}"))
+                continue
+            results += await self._to_mailboxes(msg.sender, [rcpt], opened.message)
+        return results
+
+    async def notify_failures(self, msg: QueuedMessage, failed: Sequence[RecipientResult], data: bytes) -> None:
+        """A failure DSN (RFC 3464) straight into the sender's local mailbox, one status per recipient."""
+        if msg.direction == "inbound" or not msg.sender or not self._cfg.is_local_domain(_domain(msg.sender)):
+            return
+        statuses = [RecipientStatus(r.address, "failed", _final_status(r.reply), r.reply,
+                                    last_attempt=datetime.now(UTC)) for r in failed]
+        dsn = await asyncio.to_thread(build_dsn, original=data, envelope_sender=msg.sender, queue_id=msg.id,
+                                      reporting_mta=self._cfg.hostname, arrival=msg.created_at,
+                                      recipients=statuses)
+        replies = await self._lmtp.deliver("", [msg.sender], dsn)
+        log.info("failure notice to <%s>: %s", msg.sender, replies[msg.sender].code)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _result(rcpt: str, code: int, text: str) -> RecipientResult:
+    state = "done" if 200 <= code < 300 else "retry" if code < 500 else "failed"
+    return RecipientResult(rcpt, state, f"{code} {text}")  # type: ignore[arg-type]
+
+
+def _final_status(reply: str) -> str:
+    """The RFC 3463 status of a final failure: the reply's own, or 5.4.7 (delivery time expired) for a 4xx."""
+    parts = reply.split()
+    if len(parts) > 1 and parts[1][:1] == "5" and parts[1].count(".") == 2:
+        return parts[1]
+    return "5.4.7" if reply[:1] == "4" else "5.0.0"
