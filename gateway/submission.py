@@ -169,59 +169,82 @@ class SubmissionHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
-        if _BARE_CR_OR_LF.search(data):
-            log.warning("DATA refused: bare CR or LF")
-            return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 section 2.3.8)"
+        refusal = bare_cr_or_lf_refusal(data)
+        if refusal is not None:
+            return refusal
         qid = new_queue_id()
-        message = self._received_header(session, qid) + data
-        try:
-            queued = await self._spool.accept(Incoming(qid, str(envelope.mail_from), tuple(envelope.rcpt_tos),
-                                                       message, session.auth_data))
-        except Exception:
-            log.exception("the spool could not take the message")
-            return "451 4.3.0 The message could not be queued; please try again later"
-        queue_id.set(queued.id)
-        log.info("queued: %d bytes, %d recipient(s)", len(message), len(envelope.rcpt_tos))
-        self._on_queued(queued)
-        return f"250 2.0.0 Ok: queued as {queued.id}"
+        message = received_header(session, self._cfg.hostname, qid, "ESMTPSA") + data
+        return await queue_and_answer(self._spool, self._on_queued,
+                                      Incoming(qid, str(envelope.mail_from), tuple(envelope.rcpt_tos), message,
+                                               session.auth_data))
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("session error: %s: %s", type(error).__name__, error)
-        return "451 4.3.0 Internal error, please try again later"
-
-    def _received_header(self, session: Session, qid: str) -> bytes:
-        """The trace field of RFC 5321 §4.4, naming the authenticated client as ESMTPSA (RFC 3848)."""
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        helo = re.sub(r"[^A-Za-z0-9.\-\[\]:]", "?", session.host_name or "unknown")[:255]
-        header = (f"Received: from {helo} ([{peer}])\r\n\tby {self._cfg.hostname} (mssgw) with ESMTPSA"
-                  f" id {qid};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
-        return header.encode("ascii")
+        return session_error_reply(error)
 
 
-class SubmissionSMTP(SMTP):
-    """aiosmtpd's SMTP with the gateway's connection cap, async AUTH and enhanced codes."""
+def bare_cr_or_lf_refusal(data: bytes) -> str | None:
+    """The refusal of DATA holding a bare CR or LF (SMTP smuggling, RFC 5321 §2.3.8), or None."""
+    if _BARE_CR_OR_LF.search(data):
+        log.warning("DATA refused: bare CR or LF")
+        return "550 5.5.2 Message refused: bare CR or LF in the data (RFC 5321 section 2.3.8)"
+    return None
 
-    def __init__(self, handler: SubmissionHandler, limiter: ConnectionLimiter, cfg: GatewayConfig,
-                 tls_context: ssl.SSLContext) -> None:
+
+def received_header(session: Session, by_host: str, qid: str, protocol: str, comment: str | None = None) -> bytes:
+    """The trace field of RFC 5321 §4.4; `protocol` from the RFC 3848 registry (ESMTPSA, ESMTPS); `comment`
+    (e.g. the TLS details, ASCII) goes between the from- and by-clauses, where §4.4's CFWS allows it."""
+    peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+    helo = header_safe_host(session.host_name or "unknown")
+    note = f"\r\n\t({comment})" if comment else ""
+    header = (f"Received: from {helo} ([{peer}]){note}\r\n\tby {by_host} (mssgw) with {protocol}"
+              f" id {qid};\r\n\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
+    return header.encode("ascii")
+
+
+def header_safe_host(name: str) -> str:
+    """A host name a client or certificate supplied, reduced to host-name and address-literal characters."""
+    return re.sub(r"[^A-Za-z0-9.\-\[\]:]", "?", name)[:255]
+
+
+async def queue_and_answer(spool: GroupCommitter, on_queued: Callable[[QueuedMessage], None],
+                           message: Incoming) -> str:
+    """Make `message` durable, hand it on, and answer DATA: `250` only once it is in the spool."""
+    try:
+        queued = await spool.accept(message)
+    except Exception:
+        log.exception("the spool could not take the message")
+        return "451 4.3.0 The message could not be queued; please try again later"
+    queue_id.set(queued.id)
+    log.info("queued: %d bytes, %d recipient(s)", len(message.data), len(message.recipients))
+    on_queued(queued)
+    return f"250 2.0.0 Ok: queued as {queued.id}"
+
+
+def session_error_reply(error: Exception) -> str:
+    """An unexpected error: logged, never leaked (`451 4.3.0`)."""
+    log.error("session error: %s: %s", type(error).__name__, error)
+    return "451 4.3.0 Internal error, please try again later"
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with what every listener of the gateway has: STARTTLS required (RFC 3207), the
+    connection cap, the idle timeout, the size limit and RFC 3463 enhanced codes on the stock replies."""
+
+    def __init__(self, handler: object, limiter: ConnectionLimiter, cfg: GatewayConfig,
+                 tls_context: ssl.SSLContext, **options: Any) -> None:
         super().__init__(
             handler,
             hostname=cfg.hostname,
             ident="mssgw ESMTP",
             tls_context=tls_context,
             require_starttls=True,
-            auth_required=True,
-            auth_require_tls=True,
             data_size_limit=cfg.limits.max_message_size,
             timeout=cfg.limits.idle_timeout,
-            authenticator=_never_called,
             command_call_limit=_COMMAND_CALL_LIMITS,
+            **options,
         )
-        self._gw_handler = handler
         self._limiter = limiter
         self._max_message_size = cfg.limits.max_message_size
-        self._max_auth_failures = cfg.limits.max_auth_failures
-        self._auth_failure_delay = cfg.limits.auth_failure_delay
-        self._auth_failures = 0
         self._counted = False
         self._refused = False
 
@@ -258,6 +281,19 @@ class SubmissionSMTP(SMTP):
         if m:
             return f"500 5.5.1 Command not recognised: {m.group(1)[:40]}"
         return _STOCK_REPLIES.get(status, status)
+
+
+class SubmissionSMTP(GatewaySMTP):
+    """The submission listener: AUTH required after TLS, checked asynchronously."""
+
+    def __init__(self, handler: SubmissionHandler, limiter: ConnectionLimiter, cfg: GatewayConfig,
+                 tls_context: ssl.SSLContext) -> None:
+        super().__init__(handler, limiter, cfg, tls_context, auth_required=True, auth_require_tls=True,
+                         authenticator=_never_called)
+        self._gw_handler = handler
+        self._max_auth_failures = cfg.limits.max_auth_failures
+        self._auth_failure_delay = cfg.limits.auth_failure_delay
+        self._auth_failures = 0
 
     # AUTH: aiosmtpd's PLAIN and LOGIN parse the exchange and call the synchronous
     # `_authenticate`; ours only hands the credentials back, and the check runs here,
