@@ -11,13 +11,8 @@ import imaplib
 import os
 import re
 import shutil
-import signal
-import smtplib
 import socket
-import ssl
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -26,105 +21,8 @@ from pathlib import Path
 import pytest
 
 from config.schema import DatabaseConfig
-from gateway.accounts import AccountStore
-from gateway.db import create_tables, make_engine, metadata
-
-DOMAIN = "dev.mssante.test"
-ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
-PASSWORDS = {ALICE: "alice-long-password", BOB: "bob-long-password"}
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def short_tmpdir() -> Path:
-    """Short (unix socket paths are limited to 107 bytes) and reachable by the mail user."""
-    path = Path(tempfile.mkdtemp(prefix="mssgw-e2e-", dir="/tmp"))
-    path.chmod(0o755)
-    return path
-
-
-class GatewayProcess:
-    """`python -m gateway.cli -c CONFIG run` in its own process, with its log in a file."""
-
-    def __init__(self, root: Path, pki: Path, database_url: str | None = None) -> None:
-        self.root = root
-        self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
-        self.smtp_port, self.imap_port = free_port(), free_port()
-        self.config = root / "gateway.toml"
-        self.config.write_text(f"""
-hostname = "gw.dev.mssante.test"
-local_domains = ["{DOMAIN}"]
-[tls]
-cert = "{pki / 'gateway' / 'tls-server-chain.pem'}"
-key = "{pki / 'gateway' / 'tls-server.key'}"
-ca = "{pki / 'ca-bundle.pem'}"
-[database]
-url = "{self.database_url}"
-[spool]
-dir = "spool"
-[submission]
-listen = {{ host = "127.0.0.1", port = {self.smtp_port} }}
-[mailboxes]
-mode = "embedded"
-imap = {{ host = "127.0.0.1", port = {self.imap_port} }}
-base_dir = "dc"
-mail_dir = "mail"
-[logging]
-level = "DEBUG"
-""", encoding="utf-8")
-        self.ca = str(pki / "ca-bundle.pem")
-        self.log = root / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        engine = make_engine(DatabaseConfig(url=self.database_url))
-        create_tables(engine)
-        store = AccountStore(engine)
-        for address, password in PASSWORDS.items():
-            store.add(address, password)
-        engine.dispose()
-
-    def start(self, timeout: float = 30) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        out = open(self.log, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "-c", str(self.config), "run"],
-                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        deadline = time.monotonic() + timeout
-        while b"gateway ready" not in self.log.read_bytes()[offset:]:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the gateway did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def interrupt(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(30)
-
-    def smtp(self, user: str = ALICE) -> smtplib.SMTP:
-        c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
-        c.starttls(context=self._tls())
-        c.login(user, PASSWORDS[user])
-        return c
-
-    def imap(self, user: str = BOB) -> imaplib.IMAP4:
-        c = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=15)
-        c.starttls(ssl_context=self._tls())
-        c.login(user, PASSWORDS[user])
-        return c
-
-    def _tls(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca)
-        ctx.check_hostname = False  # the certificate names gw.dev.mssante.test; we dial 127.0.0.1
-        return ctx
+from gateway.db import make_engine, metadata
+from tests.integration.gateway_support import ALICE, BOB, DOMAIN, PASSWORDS, GatewayProcess, short_tmpdir
 
 
 @pytest.fixture
