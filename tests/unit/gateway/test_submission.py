@@ -11,29 +11,19 @@ import smtplib
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from config.schema import (
-    DatabaseConfig,
-    DovecotConfig,
-    GatewayConfig,
-    LimitsConfig,
-    Listener,
-    SpoolConfig,
-    SubmissionConfig,
-    TLSConfig,
-)
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
 from gateway.devpki import DevPki
 from gateway.spool import GroupCommitter, Spool
 from gateway.submission import SubmissionHandler, start_submission
 from gateway.tls import server_context
+from tests.unit.gateway.smtp_support import DOMAIN, make_config, run
 
-DOMAIN = "dev.mssante.test"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 PW = "alice's long password"
 
@@ -44,20 +34,6 @@ class Server:
     spool: Spool
     ca: str
     queued: list[str]
-
-
-def make_config(tmp: Path, pki: DevPki, **limits: float) -> GatewayConfig:
-    return GatewayConfig(
-        hostname="gw.dev.mssante.test",
-        local_domains=(DOMAIN,),
-        tls=TLSConfig(cert=pki.tls_server_chain, key=pki.tls_server_key, ca=pki.ca_bundle),
-        database=DatabaseConfig(url=f"sqlite:///{tmp / 'gw.db'}"),
-        spool=SpoolConfig(dir=tmp / "spool"),
-        submission=SubmissionConfig(listen=Listener("127.0.0.1", 0)),
-        mailboxes=DovecotConfig(mode="external", imap=Listener("127.0.0.1", 0), base_dir=tmp / "dc",
-                                mail_dir=tmp / "mail", lmtp="unix:/nonexistent"),
-        limits=replace(LimitsConfig(auth_failure_delay=0.01), **limits),  # type: ignore[arg-type]
-    )
 
 
 async def _start(tmp: Path, pki: DevPki, **limits: float) -> tuple[asyncio.Server, Server]:
@@ -94,10 +70,6 @@ def client(s: Server, *, tls: bool = True, login: bool = True) -> smtplib.SMTP:
     if login:
         c.login(ALICE, PW)
     return c
-
-
-async def run(fn, *args):  # smtplib blocks: keep the server's loop free
-    return await asyncio.to_thread(fn, *args)
 
 
 async def test_before_starttls_no_auth_and_no_mail(srv: Server) -> None:
