@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import ssl
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -220,6 +221,15 @@ async def queue_and_answer(spool: GroupCommitter, on_queued: Callable[[QueuedMes
     return f"250 2.0.0 Ok: queued as {queued.id}"
 
 
+def ascii_reply(text: str) -> str:
+    """Reply text as SMTP carries it, in ASCII (RFC 5321 §4.2; aiosmtpd refuses to encode anything else):
+    accents dropped ("MSSanté" → "MSSante"), any other non-ASCII character as "?"."""
+    if text.isascii():
+        return text
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return folded.encode("ascii", "replace").decode("ascii")
+
+
 def session_error_reply(error: Exception) -> str:
     """An unexpected error: logged, never leaked (`451 4.3.0`)."""
     log.error("session error: %s: %s", type(error).__name__, error)
@@ -271,7 +281,7 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
-            status = self._enhance(status)
+            status = ascii_reply(self._enhance(status))
         await super().push(status)
 
     def _enhance(self, status: str) -> str:

@@ -20,7 +20,7 @@ from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
 from gateway.devpki import DevPki
 from gateway.spool import GroupCommitter, Spool
-from gateway.submission import SubmissionHandler, start_submission
+from gateway.submission import SubmissionHandler, ascii_reply, start_submission
 from gateway.tls import server_context
 from tests.unit.gateway.smtp_support import DOMAIN, make_config, run
 
@@ -240,3 +240,10 @@ async def test_idle_client_is_disconnected(tmp_path: Path, dev_pki: DevPki) -> N
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_reply_text_is_folded_to_ascii() -> None:
+    assert ascii_reply("550 5.7.1 x.test is not in the MSSanté trust space") == (
+        "550 5.7.1 x.test is not in the MSSante trust space")
+    assert ascii_reply("550 5.1.1 <例@x.test>: no such mailbox") == "550 5.1.1 <?@x.test>: no such mailbox"
+    assert ascii_reply("250 2.0.0 OK") == "250 2.0.0 OK"
