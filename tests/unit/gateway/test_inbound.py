@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from config.schema import GatewayConfig, Listener
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
-from gateway.devpki import DevPki
+from gateway.devpki import DevPki, issue_certificate, new_rsa_key
 from gateway.inbound import InboundHandler, peer_tls_context, start_inbound
 from gateway.spool import GroupCommitter, QueuedMessage, Spool, queue
 from gateway.tls import TLSSetupError
@@ -29,6 +34,7 @@ from tests.unit.gateway.smtp_support import DOMAIN, make_config, run
 
 PEER_DOMAIN = "peer.mssante.test"
 TRUST_SPACE = {DOMAIN, PEER_DOMAIN}
+UNREADABLE = "unreadable.test"  # the trust-space check fails for this one, as when its database is down
 SENDER = f"alice@{PEER_DOMAIN}"
 BOB, CAROL = f"bob@{DOMAIN}", f"carol@{DOMAIN}"
 BODY = b"From: alice@peer.mssante.test\r\nTo: bob@dev.mssante.test\r\nSubject: t\r\n\r\nenveloped, in fact\r\n"
@@ -55,6 +61,8 @@ async def _start(tmp: Path, pki: DevPki, **limits: float) -> tuple[asyncio.Serve
     info = Inbound(0, spool, cfg, pki)
 
     async def in_trust_space(domain: str) -> bool:
+        if domain == UNREADABLE:
+            raise OSError("database unavailable")
         return domain in TRUST_SPACE
 
     handler = InboundHandler(cfg, accounts, GroupCommitter(spool), info.queued.append, in_trust_space)
@@ -156,6 +164,8 @@ async def test_sender_domain_outside_the_trust_space(srv: Inbound) -> None:
         c = peer(srv, trusted(srv))
         assert c.mail("mallory@elsewhere.test") == (550, b"5.7.1 elsewhere.test is not in the MSSante trust space")
         assert c.mail("not an address")[0] in (501, 553)
+        assert c.mail(f"a@{UNREADABLE}") == (
+            451, b"4.4.3 The MSSante trust-space list cannot be read right now, please try again later")
         assert c.mail(SENDER)[0] == 250
         c.quit()
     await run(scenario)
@@ -234,3 +244,48 @@ def test_peer_context_needs_trust_anchors(tmp_path: Path, dev_pki: DevPki) -> No
         peer_tls_context(replace(cfg.tls, ca=None))
     ctx = peer_tls_context(cfg.tls)
     assert ctx.verify_mode == ssl.CERT_OPTIONAL and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def _hostless_client_cert(pki: DevPki, directory: Path) -> tuple[Path, Path]:
+    """A client certificate from the trust anchors' organisations CA that names no host: no SAN, no CN."""
+    ca = x509.load_pem_x509_certificate(pki.organisations_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.organisations_key.read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = new_rsa_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "FR"),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "NO HOST TEST")])
+    cert = issue_certificate(ca, ca_key, subject, key.public_key(), profile="tls-client")
+    directory.mkdir(parents=True, exist_ok=True)
+    chain, key_path = directory / "hostless-chain.pem", directory / "hostless.key"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return chain, key_path
+
+
+async def test_a_certificate_that_names_no_host_gets_530(srv: Inbound, tmp_path: Path) -> None:
+    ctx = peer_context(srv.pki, _hostless_client_cert(srv.pki, tmp_path / "hostless"))
+
+    def scenario() -> tuple[int, bytes]:
+        c = peer(srv, ctx)
+        reply = c.mail(SENDER)
+        c.quit()
+        return reply
+    code, text = await run(scenario)
+    assert (code, text[:5]) == (530, b"5.7.0") and b"names no host" in text
+
+
+async def test_connection_cap(tmp_path: Path, dev_pki: DevPki) -> None:
+    server, s = await _start(tmp_path, dev_pki, max_connections=1)
+
+    def scenario() -> bytes:
+        first = peer(s, trusted(s))
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as second:
+            greeting = second.recv(100)
+        first.quit()
+        return greeting
+    try:
+        assert (await run(scenario)).startswith(b"421 4.7.0 Too many connections")
+    finally:
+        server.close()
+        await server.wait_closed()
