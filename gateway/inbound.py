@@ -34,7 +34,9 @@ from gateway.spool import GroupCommitter, Incoming, QueuedMessage, new_queue_id
 from gateway.submission import (
     ConnectionLimiter,
     GatewaySMTP,
+    add_recipient,
     bare_cr_or_lf_refusal,
+    check_recipient,
     header_safe_host,
     queue_and_answer,
     received_header,
@@ -155,20 +157,12 @@ class InboundHandler:
         if envelope.mail_from == NULL_SENDER and envelope.rcpt_tos:
             return ("452 4.5.3 A message with the null sender (a DSN or MDN) goes to one recipient only;"
                     " send it to the others separately")
-        if len(envelope.rcpt_tos) >= self._cfg.limits.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self._cfg.limits.max_recipients} per message)"
-        try:
-            rcpt = parse_mailbox(address)
-        except AddressError as exc:
-            return f"553 5.1.3 Bad recipient address: {exc}"
+        rcpt = await check_recipient(self._cfg, self._accounts, envelope, address)
+        if isinstance(rcpt, str):
+            return rcpt
         if not self._cfg.is_local_domain(rcpt.domain):
             return f"550 5.7.1 Relaying denied: {rcpt.domain} is not a domain of this gateway"
-        if not await asyncio.to_thread(self._accounts.is_mailbox, str(rcpt)):
-            return f"550 5.1.1 <{rcpt}>: no such mailbox here"
-        if str(rcpt) not in envelope.rcpt_tos:
-            envelope.rcpt_tos.append(str(rcpt))
-            envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return add_recipient(envelope, rcpt, rcpt_options)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""

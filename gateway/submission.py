@@ -31,7 +31,7 @@ from directory_sync.errors import DirectoryError
 from directory_sync.lookup import DirectoryLookup
 from directory_sync.whitelist import TrustSpace
 from gateway.accounts import AccountStore
-from gateway.addresses import AddressError, parse_mailbox
+from gateway.addresses import AddressError, Mailbox, parse_mailbox
 from gateway.logsetup import conn_id, queue_id
 from gateway.spool import GroupCommitter, Incoming, QueuedMessage, new_queue_id
 
@@ -131,22 +131,14 @@ class SubmissionHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if len(envelope.rcpt_tos) >= self._cfg.limits.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self._cfg.limits.max_recipients} per message)"
-        try:
-            rcpt = parse_mailbox(address)
-        except AddressError as exc:
-            return f"553 5.1.3 Bad recipient address: {exc}"
+        rcpt = await check_recipient(self._cfg, self._accounts, envelope, address)
+        if isinstance(rcpt, str):
+            return rcpt
         if not self._cfg.is_local_domain(rcpt.domain):
             refusal = await self._check_remote(str(session.auth_data), str(rcpt), rcpt.domain)
             if refusal is not None:
                 return refusal
-        elif not await asyncio.to_thread(self._accounts.is_mailbox, str(rcpt)):
-            return f"550 5.1.1 <{rcpt}>: no such mailbox here"
-        if str(rcpt) not in envelope.rcpt_tos:
-            envelope.rcpt_tos.append(str(rcpt))
-            envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return add_recipient(envelope, rcpt, rcpt_options)
 
     async def _check_remote(self, account: str, rcpt: str, domain: str) -> str | None:
         """None when `rcpt` of another gateway may be written to, else the refusal (DESIGN.md flow 1)."""
@@ -181,6 +173,29 @@ class SubmissionHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         return session_error_reply(error)
+
+
+async def check_recipient(cfg: GatewayConfig, accounts: AccountStore, envelope: Envelope,
+                          address: str) -> Mailbox | str:
+    """The RCPT address parsed (RFC 5321 §4.1.1.3), or the refusal: one recipient too many (§4.5.3.1.10),
+    a malformed address, or a local address with no active mailbox. Other domains are the caller's policy."""
+    if len(envelope.rcpt_tos) >= cfg.limits.max_recipients:
+        return f"452 4.5.3 Too many recipients (at most {cfg.limits.max_recipients} per message)"
+    try:
+        rcpt = parse_mailbox(address)
+    except AddressError as exc:
+        return f"553 5.1.3 Bad recipient address: {exc}"
+    if cfg.is_local_domain(rcpt.domain) and not await asyncio.to_thread(accounts.is_mailbox, str(rcpt)):
+        return f"550 5.1.1 <{rcpt}>: no such mailbox here"
+    return rcpt
+
+
+def add_recipient(envelope: Envelope, rcpt: Mailbox, rcpt_options: list[str]) -> str:
+    """Record an accepted recipient (once, however often it is given) and answer `250`."""
+    if str(rcpt) not in envelope.rcpt_tos:
+        envelope.rcpt_tos.append(str(rcpt))
+        envelope.rcpt_options.extend(rcpt_options)
+    return "250 2.1.5 Recipient OK"
 
 
 def bare_cr_or_lf_refusal(data: bytes) -> str | None:
