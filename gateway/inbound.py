@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,6 +52,11 @@ TrustSpaceCheck = Callable[[str], Awaitable[bool]]
 
 NULL_SENDER = "<>"
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$)(?:{_LABEL}\.)+{_LABEL}$")
+"""A fully qualified host name (RFC 1123 §2.1): what a gateway's certificate names; a CPS card's CN (`8` + RPPS)
+is not one."""
+
 
 def peer_tls_context(cfg: TLSConfig) -> ssl.SSLContext:
     """The port-25 server context: the gateway's certificate, TLS 1.2+ with the MSSanté suites, and the
@@ -77,23 +83,19 @@ def _ssl_object(session: Session) -> ssl.SSLObject | None:
 
 
 def peer_certificate_host(session: Session) -> str | None:
-    """The host the peer's verified certificate names: its first dNSName (RFC 5280 §4.2.1.6), else its CN.
+    """The host the peer's verified certificate names: its first dNSName that is a host name (RFC 5280
+    §4.2.1.6; no wildcard), else its CN if that is one.
 
     None when no certificate was presented (with `CERT_OPTIONAL` one that did not verify never gets
-    this far) or when it names no host.
+    this far) or when it names no host (a practitioner's card certificate, for one).
     """
     obj = _ssl_object(session)
     cert: dict[str, Any] | None = None if obj is None else obj.getpeercert()
     if not cert:
         return None
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "DNS" and value:
-            return str(value)
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName" and value:
-                return str(value)
-    return None
+    names = [str(value) for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    names += [str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return next((name.lower() for name in names if _HOST_NAME.match(name)), None)
 
 
 class InboundHandler:

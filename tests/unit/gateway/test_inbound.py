@@ -263,8 +263,12 @@ def _hostless_client_cert(pki: DevPki, directory: Path) -> tuple[Path, Path]:
     return chain, key_path
 
 
-async def test_a_certificate_that_names_no_host_gets_530(srv: Inbound, tmp_path: Path) -> None:
-    ctx = peer_context(srv.pki, _hostless_client_cert(srv.pki, tmp_path / "hostless"))
+@pytest.mark.parametrize("which", ["no SAN nor CN", "a CPS card's certificate (CN = 8 + RPPS)"])
+async def test_a_certificate_that_names_no_host_gets_530(srv: Inbound, tmp_path: Path, which: str) -> None:
+    practitioner = srv.pki.practitioners[0]
+    cert = (_hostless_client_cert(srv.pki, tmp_path / "hostless") if which.startswith("no SAN")
+            else (practitioner.auth_cert, practitioner.auth_key))
+    ctx = peer_context(srv.pki, cert)
 
     def scenario() -> tuple[int, bytes]:
         c = peer(srv, ctx)
