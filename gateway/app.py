@@ -22,6 +22,7 @@ from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
 from gateway.delivery import DeliveryWorker
 from gateway.dovecot import DovecotSupervisor
+from gateway.inbound import InboundHandler, peer_tls_context, start_inbound
 from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import KeyRing, Pipeline, load_trust
@@ -70,7 +71,14 @@ class Gateway:
                                                         lambda account: keys.key_for(account) is not None)
                                     if self.relay is not None else None)
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
+        if self.cfg.inbound is not None:
+            peers = InboundHandler(self.cfg, self.accounts, committer, self.worker.enqueue, self._in_trust_space)
+            self._servers.append(await start_inbound(self.cfg, self.cfg.inbound.listen, peers,
+                                                     peer_tls_context(self.cfg.tls)))
         log.info("gateway ready")
+
+    async def _in_trust_space(self, domain: str) -> bool:
+        return self.trust_space.is_trust_space_domain(domain)
 
     async def stop(self) -> None:
         for server in self._servers:

@@ -146,18 +146,18 @@ class SubmissionHandler:
         if policy is None:
             return f"550 5.7.1 Relaying to {domain} is not allowed: this gateway delivers only to its own domains"
         if not policy.trust_space.is_trust_space_domain(domain):
-            return f"550 5.7.1 {domain} is not in the MSSanté trust space"
+            return f"550 5.7.1 {domain} is not in the MSSante trust space"
         if not policy.has_key(account):
             return "550 5.7.1 Your account has no signing key: it can write to local mailboxes only"
         try:
             entry = await policy.directory.lookup(rcpt)
         except DirectoryError as exc:
             log.warning("directory lookup failed: %s", exc)
-            return "451 4.4.3 The MSSanté directory cannot be read right now, please try again later"
+            return "451 4.4.3 The MSSante directory cannot be read right now, please try again later"
         if entry is None:
-            return f"550 5.1.1 <{rcpt}> is not in the MSSanté directory"
+            return f"550 5.1.1 <{rcpt}> is not in the MSSante directory"
         if not entry.certificates:
-            return f"550 5.7.1 <{rcpt}> has no usable encryption certificate in the MSSanté directory"
+            return f"550 5.7.1 <{rcpt}> has no usable encryption certificate in the MSSante directory"
         return None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

@@ -49,6 +49,7 @@ class GatewayProcess:
                  hostname: str = "gw.dev.mssante.test", accounts: Mapping[str, str] | None = None,
                  ca: Path | None = None, extra: str = "") -> None:
         self.root = root
+        root.mkdir(mode=0o755, exist_ok=True)
         self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
         self.smtp_port, self.imap_port, self.inbound_port = free_port(), free_port(), free_port()
         self.passwords = dict(accounts if accounts is not None else PASSWORDS)
