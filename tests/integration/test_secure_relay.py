@@ -58,8 +58,17 @@ class Capture:
 
 
 class _Capturing:
+    """A peer gateway that keeps what it receives, and refuses the mailbox `refused@...` (RFC 5321 §4.2.2)."""
+
     def __init__(self, into: Capture) -> None:
         self.into = into
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.startswith("refused@"):
+            return "550 5.1.1 <refused@c.mssante.test>: no such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.into.messages.append(envelope.original_content or b"")
@@ -118,10 +127,12 @@ def world(dovecot_binary: Path) -> Iterator[World]:
         _run(gw, "directory", "whitelist", str(root / "trust.xml"))
     extract = root / "Extraction_Correspondance_MSSante_202611250300.txt"
     extract.write_text("\n".join([MSSANTE_HEADER, org_row(bob, "30000000000002"),
-                                  org_row(f"secretariat@{C}", "30000000000003")]) + "\n", encoding="utf-8")
+                                  org_row(f"secretariat@{C}", "30000000000003"),
+                                  org_row(f"refused@{C}", "30000000000004")]) + "\n", encoding="utf-8")
     _run(a, "directory", "import", str(extract))
     # A certificate belongs to one mailbox in the directory: C's is another of PKI B's (nobody decrypts there).
-    for address, cert in ((bob, pki_b.organisation.cert), (f"secretariat@{C}", pki_b.practitioners[0].auth_cert)):
+    for address, cert in ((bob, pki_b.organisation.cert), (f"secretariat@{C}", pki_b.practitioners[0].auth_cert),
+                          (f"refused@{C}", pki_b.practitioners[1].auth_cert)):
         _run(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
     b.start()
     a.start()
@@ -182,3 +193,18 @@ def test_unknown_recipient_and_outside_the_trust_space_are_refused_at_rcpt(world
         assert (code, text[:5]) == (550, b"5.1.1") and b"not in the MSSant" in text
         code, text = s.rcpt("someone@outside.example")
         assert (code, text[:5]) == (550, b"5.7.1") and b"trust space" in text
+
+
+def test_a_refusal_by_the_peer_ends_in_a_dsn_in_the_senders_inbox(world: World) -> None:
+    refused = f"refused@{C}"
+    with world.a.smtp(world.alice) as s:
+        assert s.sendmail(world.alice, [refused], letter(world.alice, refused, "Sera refuse")) == {}
+    [dsn] = wait_for_mail(world.a, world.alice)
+    report = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_bytes()
+    assert f"Final-Recipient: rfc822; {refused}".encode() in text or f"Final-Recipient: rfc822;{refused}".encode() in text
+    assert b"Action: failed" in text and b"Status: 5.1.1" in text
+    assert MARKER.encode() not in dsn  # the body never goes back in a notice
