@@ -14,6 +14,8 @@ codes on aiosmtpd's stock replies.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import email.utils
 import logging
 import re
@@ -162,7 +164,7 @@ class SubmissionHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
-        refusal = bare_cr_or_lf_refusal(data)
+        refusal = bare_cr_or_lf_refusal(data) or from_header_refusal(data, str(session.auth_data))
         if refusal is not None:
             return refusal
         qid = new_queue_id()
@@ -196,6 +198,35 @@ def add_recipient(envelope: Envelope, rcpt: Mailbox, rcpt_options: list[str]) ->
         envelope.rcpt_tos.append(str(rcpt))
         envelope.rcpt_options.extend(rcpt_options)
     return "250 2.1.5 Recipient OK"
+
+
+def from_header_refusal(data: bytes, account: str) -> str | None:
+    """The refusal of a message whose From (RFC 5322 §3.6.2) is not the account's own address, or None.
+
+    The signature later made with the account's key vouches for the From a reader sees: it must
+    be the account's (issue 6, item 1). Only the header block is parsed, never the body.
+    """
+    end = data.find(b"\r\n\r\n")
+    header = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(
+        data if end < 0 else data[: end + 4])
+    try:
+        values = header.get_all("From") or []
+        addresses = [a.addr_spec for v in values for a in v.addresses]
+    except (IndexError, ValueError, AttributeError):
+        addresses = []
+    if not values:
+        return "550 5.6.0 The message has no From header (RFC 5322 section 3.6)"
+    own = [a for a in addresses if _same_address(a, account)]
+    if len(values) != 1 or len(addresses) != 1 or not own:
+        shown = ", ".join(addresses) or "unreadable"
+        return f"553 5.7.1 The From header ({shown[:100]}) must be your own address <{account}>"
+    return None
+
+
+def _same_address(address: str, account: str) -> bool:
+    local, _, domain = address.rpartition("@")
+    a_local, _, a_domain = account.rpartition("@")
+    return local == a_local and domain.lower() == a_domain.lower()
 
 
 def bare_cr_or_lf_refusal(data: bytes) -> str | None:

@@ -247,3 +247,22 @@ def test_reply_text_is_folded_to_ascii() -> None:
         "550 5.7.1 x.test is not in the MSSante trust space")
     assert ascii_reply("550 5.1.1 <例@x.test>: no such mailbox") == "550 5.1.1 <?@x.test>: no such mailbox"
     assert ascii_reply("250 2.0.0 OK") == "250 2.0.0 OK"
+
+
+@pytest.mark.parametrize("header, expected", [
+    (b"From: Bob <bob@dev.mssante.test>\r\n", b"553 5.7.1"),
+    (b"From: alice@dev.mssante.test, bob@dev.mssante.test\r\n", b"553 5.7.1"),
+    (b"From: alice@dev.mssante.test\r\nFrom: bob@dev.mssante.test\r\n", b"553 5.7.1"),
+    (b"", b"550 5.6.0"),
+    (b"From: =?utf-8?q?Alice_=C3=89?= <alice@DEV.mssante.test>\r\n", b"250 2.0.0"),
+])
+async def test_the_from_header_must_be_the_account(srv: Server, header: bytes, expected: bytes) -> None:
+    def scenario() -> tuple[int, bytes]:
+        c = client(srv)
+        c.mail(ALICE)
+        c.rcpt(BOB)
+        reply = c.data(header + b"Subject: x\r\n\r\nbody\r\n")
+        c.quit()
+        return reply
+    code, text = await run(scenario)
+    assert f"{code} ".encode() + text[:5] == expected
