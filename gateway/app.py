@@ -27,7 +27,7 @@ from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import KeyRing, Pipeline, load_trust
 from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
-from gateway.spool import GroupCommitter, Spool
+from gateway.spool import GroupCommitter, Incoming, Spool
 from gateway.submission import RemotePolicy, SubmissionHandler, start_submission
 from gateway.tls import server_context
 
@@ -48,6 +48,7 @@ class Gateway:
         self.relay = _relay(cfg)
         self.pipeline: Pipeline | None = None
         self.worker: DeliveryWorker | None = None
+        self._committer = GroupCommitter(self.spool)
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
@@ -57,7 +58,7 @@ class Gateway:
         keys = await asyncio.to_thread(KeyRing.load, self.cfg.smime)
         trust = await asyncio.to_thread(load_trust, self.cfg.smime)
         self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
-                                 trust=trust)
+                                 trust=trust, submit=self._submit_own)
         self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify_failures=self.pipeline.notify_failures,
                                      concurrency=self.cfg.spool.workers)
         await asyncio.to_thread(self.spool.recover)
@@ -65,7 +66,7 @@ class Gateway:
             await self.dovecot.start()
             await self.dovecot.wait_ready()
         self.worker.start()
-        committer = GroupCommitter(self.spool)
+        committer = self._committer
         handler = SubmissionHandler(self.cfg, self.accounts, committer, self.worker.enqueue,
                                     remote=RemotePolicy(self.directory, self.trust_space,
                                                         lambda account: keys.key_for(account) is not None)
@@ -76,6 +77,11 @@ class Gateway:
             self._servers.append(await start_inbound(self.cfg, self.cfg.inbound.listen, peers,
                                                      peer_tls_context(self.cfg.tls)))
         log.info("gateway ready")
+
+    async def _submit_own(self, message: Incoming) -> None:
+        """A message the gateway writes itself (an MDN): spooled like any other, then handed to the worker."""
+        assert self.worker is not None
+        self.worker.enqueue(await self._committer.accept(message))
 
     async def _in_trust_space(self, domain: str) -> bool:
         return self.trust_space.is_trust_space_domain(domain)

@@ -14,25 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from config.schema import GatewayConfig, SmimeConfig
 from directory_sync.errors import DirectoryError
 from directory_sync.lookup import DirectoryLookup
 from gateway.dsn import RecipientStatus, build_dsn
-from gateway.inbound_security import secure_inbound
+from gateway.inbound_security import InboundResult, secure_inbound
 from gateway.lmtp import LmtpError, LmtpPool
+from gateway.mdn import build_mdn, mdn_requested
 from gateway.relay import OutboundRelay
-from gateway.spool import QueuedMessage, RecipientResult
+from gateway.spool import Incoming, QueuedMessage, RecipientResult, new_queue_id
 from smime.certpath import TrustStore
-from smime.errors import SmimeError
+from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
 from smime.message import sign_and_encrypt
+from smime.verify import match_from_address
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +66,21 @@ def load_trust(cfg: SmimeConfig | None) -> TrustStore | None:
     return TrustStore.from_pem(cfg.trust_anchors.read_bytes(), crls)
 
 
+# Queues a message the gateway writes itself (an MDN), for the worker to sign, encrypt and relay.
+Submit = Callable[[Incoming], Awaitable[None]]
+
+
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, lmtp: LmtpPool, *, relay: OutboundRelay | None = None,
                  keys: KeyRing | None = None, directory: DirectoryLookup | None = None,
-                 trust: TrustStore | None = None) -> None:
+                 trust: TrustStore | None = None, submit: Submit | None = None) -> None:
         self._cfg = cfg
         self._lmtp = lmtp
         self._relay = relay
         self._keys = keys or KeyRing({})
         self._directory = directory
         self._trust = trust
+        self._submit = submit
 
     async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
         if msg.direction == "inbound":
@@ -133,16 +141,49 @@ class Pipeline:
         if self._trust is None:
             return [RecipientResult(r, "retry", "451 4.7.5 No trust anchors configured") for r in msg.pending]
         results = []
+        identity = self._identity if self._directory is not None else None
         for rcpt in msg.pending:
             opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.key_for(rcpt),
-                                          trust=self._trust, identity_check=None, hostname=self._cfg.hostname)
+                                          trust=self._trust, identity_check=identity, hostname=self._cfg.hostname)
             log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict,
                      f" ({opened.reason})" if opened.reason else "")
             if opened.transient:
                 results.append(RecipientResult(rcpt, "retry", f"451 4.7.5 {opened.reason}"))
                 continue
-            results += await self._to_mailboxes(msg.sender, [rcpt], opened.message)
+            [delivered] = await self._to_mailboxes(msg.sender, [rcpt], opened.message)
+            results.append(delivered)
+            if delivered.state == "done":
+                await self._acknowledge(msg, rcpt, data, opened)
         return results
+
+    async def _identity(self, cert: x509.Certificate, sender: str | None) -> str:
+        """The signer's RPPS number must own the From address in the directory (mssante.md §5, item 11);
+        an organisation certificate (no RPPS) must carry the address itself (RFC 8550 §3)."""
+        rpps = _rpps_of(cert)
+        if rpps is None:
+            return match_from_address(cert, sender)
+        if sender is None:
+            raise SenderMismatch(None, "no From address to compare with the signer's RPPS number")
+        assert self._directory is not None
+        entry = await self._directory.lookup(sender)
+        owner = entry.rpps if entry is not None else None
+        if owner != rpps:
+            raise SenderMismatch(sender, f"the MSSanté directory gives {sender} to RPPS {owner or 'nobody'}, "
+                                         f"the signer is RPPS {rpps}")
+        return f"From {sender} belongs to RPPS {rpps} in the MSSanté directory"
+
+    async def _acknowledge(self, msg: QueuedMessage, rcpt: str, data: bytes, opened: InboundResult) -> None:
+        """The MSSanté MDN (RFC 8098, mssante.md §1.7): `processed`, or its error form when the message could not be
+        opened; sent from the recipient's account, so signed and encrypted like any mail, with a null sender."""
+        to = mdn_requested(data, return_path=msg.sender) if msg.sender else None
+        if to is None or self._submit is None:
+            return
+        error = (str(opened.error_code), opened.error_label or "") if opened.verdict == "failed" and \
+            opened.error_code is not None else None
+        mdn = await asyncio.to_thread(build_mdn, data, reporting_ua=self._cfg.hostname, final_recipient=rcpt,
+                                      original_recipient=rcpt, error=error)
+        await self._submit(Incoming(new_queue_id(), "", (to,), mdn, rcpt))
+        log.info("MDN (%s) queued for <%s>", "error" if error else "processed", to)
 
     async def notify_failures(self, msg: QueuedMessage, failed: Sequence[RecipientResult], data: bytes) -> None:
         """A failure DSN (RFC 3464) straight into the sender's local mailbox, one status per recipient."""
@@ -155,6 +196,15 @@ class Pipeline:
                                       recipients=statuses)
         replies = await self._lmtp.deliver("", [msg.sender], dsn)
         log.info("failure notice to <%s>: %s", msg.sender, replies[msg.sender].code)
+
+
+def _rpps_of(cert: x509.Certificate) -> str | None:
+    """The RPPS number of a CPS certificate: its CN is `8` + the 11-digit RPPS (mssante.md §3.4)."""
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = str(attr.value)
+        if len(value) == 12 and value.startswith("8") and value.isdigit():
+            return value[1:]
+    return None
 
 
 def _domain(address: str) -> str:
