@@ -12,12 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from config.schema import DatabaseConfig
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
+from gateway.devpki import DevPki, create_dev_pki
 
 DOMAIN = "dev.mssante.test"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
@@ -42,12 +44,13 @@ class GatewayProcess:
     """`python -m gateway.cli -c CONFIG run` in its own process, with its log in a file.
 
     `extra` is appended to the configuration (e.g. [relay], [smime], [inbound] tables); `ca`
-    replaces the trust anchors of the PKI (two gateways trust each other's roots).
+    replaces the trust anchors of the PKI (two gateways trust each other's roots). Benchmarks
+    lower `log_level` (DEBUG costs) and raise `spool_workers`.
     """
 
     def __init__(self, root: Path, pki: Path, database_url: str | None = None, *, domain: str = DOMAIN,
                  hostname: str = "gw.dev.mssante.test", accounts: Mapping[str, str] | None = None,
-                 ca: Path | None = None, extra: str = "") -> None:
+                 ca: Path | None = None, extra: str = "", log_level: str = "DEBUG", spool_workers: int = 4) -> None:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
@@ -65,6 +68,7 @@ ca = "{ca or pki / 'ca-bundle.pem'}"
 url = "{self.database_url}"
 [spool]
 dir = "spool"
+workers = {spool_workers}
 [submission]
 listen = {{ host = "127.0.0.1", port = {self.smtp_port} }}
 [mailboxes]
@@ -73,7 +77,7 @@ imap = {{ host = "127.0.0.1", port = {self.imap_port} }}
 base_dir = "dc"
 mail_dir = "mail"
 [logging]
-level = "DEBUG"
+level = "{log_level}"
 {extra.replace("INBOUND_PORT", str(self.inbound_port))}
 """, encoding="utf-8")
         self.ca = str(ca or pki / "ca-bundle.pem")
@@ -131,3 +135,111 @@ level = "DEBUG"
         return ctx
 
 
+
+
+# --- Two gateways, one domain each (issue 6, item 7), shared by tests/integration/test_secure_relay.py and
+# bench/relay_bench.py so that the benchmark measures the set-up the test checks.
+
+A, B = "a.mssante.test", "b.mssante.test"
+
+MSSANTE_HEADER = ("Type de BAL|Adresse BAL|Type Identifiant PP|Identifiant PP|Identification nationale PP|"
+                  "Type identifiant structure|Identification Structure|Service de rattachement|Civilité d'exercice|"
+                  "Nom d'exercice|Prénom d'exercice|Catégorie profession|Libellé de catégorie profession|"
+                  "Code Profession|Libellé Profession|Code savoir-faire|Libellé savoir-faire|Dématérialisation|"
+                  "Raison Sociale structure BAL|Enseigne commerciale structure BAL|L2COMPLEMENTLOCALISATION|"
+                  "L3COMPLEMENTDISTRIBUTION|L4NUMEROVOIE|L4COMPLEMENTNUMEROVOIE|NL4TYPEVOIE|L4LIBELLEVOIE|"
+                  "L5LIEUDITMENTION|L6LIGNEACHEMINEMENT|Code postal|Département|Pays")
+
+
+def org_row(address: str, siret: str) -> str:
+    """One organisation mailbox line of the ANS directory extract (the `Extraction_Correspondance_MSSante` file)."""
+    fields = ["ORG", address, "", "", "", "3", siret, "Secrétariat", "", "", "", "", "", "", "", "", "", "",
+              "CENTRE TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75", "FRANCE"]
+    assert len(fields) == 31
+    return "|".join(fields)
+
+
+def whitelist(*domains: str) -> str:
+    """The ANS trust-space list (`ListeBlanche`) naming `domains`."""
+    entries = "".join(f"<Domaine><Nom>{d}</Nom><Description>{d}</Description>"
+                      f"<DNCertificatOperateur>CN=gw.{d},O=TEST,C=FR</DNCertificatOperateur></Domaine>"
+                      for d in domains)
+    return (f'<ListeBlanche xmlns="https://listeblanche.mssante.fr/schema">'
+            f"<DateDeGeneration>2026-11-25T03:00:00</DateDeGeneration>{entries}</ListeBlanche>")
+
+
+def run_mssgw(gw: GatewayProcess, *args: str) -> None:
+    result = gw.mssgw(*args)
+    if result.returncode != 0:
+        raise AssertionError(f"mssgw {' '.join(args)} failed: {result.stderr}")
+
+
+@dataclass
+class TwoGateways:
+    """Gateway A (domain a.mssante.test, account `alice`) relaying to gateway B (b.mssante.test, account `bob`)."""
+
+    root: Path
+    pki_a: DevPki
+    pki_b: DevPki
+    a: GatewayProcess
+    b: GatewayProcess
+    alice: str
+    bob: str
+
+    def start(self) -> None:
+        self.b.start()
+        self.a.start()
+
+    def stop(self) -> None:
+        for gw in (self.a, self.b):
+            if gw.proc is not None and gw.proc.poll() is None:
+                gw.interrupt()
+
+
+def dev_pkis(root: Path) -> tuple[DevPki, DevPki]:
+    """One dev PKI per gateway, each naming its own domain and gateway host."""
+    return (create_dev_pki(root / "pki-a", domain=A, gateway_hostname=f"gw.{A}"),
+            create_dev_pki(root / "pki-b", domain=B, gateway_hostname=f"gw.{B}"))
+
+
+def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[str, str] | None = None,
+                 mailboxes: Sequence[tuple[str, Path]] = (), log_level: str = "DEBUG",
+                 spool_workers: int = 4) -> TwoGateways:
+    """Configure (not start) A and B: both trust both PKIs' roots and CRLs and the trust space {A, B, routed
+    domains}; each signs/decrypts with its organisation key file; A routes B's domain to B's inbound listener
+    (plus `routes`, domain -> "[host]:port"), and its directory gives bob's encryption certificate (plus
+    `mailboxes`: (address, encryption certificate) of other domains)."""
+    anchors, crls = root / "anchors.pem", root / "crls.pem"
+    anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
+    crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
+    alice, bob = pki_a.organisation.email, pki_b.organisation.email
+    extra_routes = dict(routes or {})
+    (root / "trust.xml").write_text(whitelist(A, B, *extra_routes), encoding="utf-8")
+
+    def smime(account: str, pki: DevPki) -> str:
+        return (f'[smime]\ntrust_anchors = "{anchors}"\ncrls = "{crls}"\n'
+                f'keys = [{{ account = "{account}", cert = "{pki.organisation.cert}", '
+                f'key = "{pki.organisation.key}" }}]\n')
+
+    inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
+    b = GatewayProcess(root / "b", pki_b.directory, domain=B, hostname=f"gw.{B}", accounts={bob: "bob-password-1"},
+                       ca=anchors, extra=inbound + smime(bob, pki_b), log_level=log_level,
+                       spool_workers=spool_workers)
+    table = ", ".join(f'"{d}" = "{hop}"' for d, hop in {B: f"[127.0.0.1]:{b.inbound_port}", **extra_routes}.items())
+    a = GatewayProcess(root / "a", pki_a.directory, domain=A, hostname=f"gw.{A}",
+                       accounts={alice: "alice-password-1"}, ca=anchors,
+                       extra=inbound + smime(alice, pki_a) + f"[relay]\nroutes = {{ {table} }}\n",
+                       log_level=log_level, spool_workers=spool_workers)
+    for gw in (a, b):
+        run_mssgw(gw, "directory", "migrate")
+        run_mssgw(gw, "directory", "whitelist", str(root / "trust.xml"))
+    entries = [(bob, pki_b.organisation.cert), *mailboxes]
+    extract = root / "Extraction_Correspondance_MSSante_202611250300.txt"
+    extract.write_text("\n".join([MSSANTE_HEADER, *(org_row(address, f"3000000000{n:04d}")
+                                                    for n, (address, _) in enumerate(entries, start=2))]) + "\n",
+                       encoding="utf-8")
+    run_mssgw(a, "directory", "import", str(extract))
+    # A certificate belongs to one mailbox in the directory.
+    for address, cert in entries:
+        run_mssgw(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
+    return TwoGateways(root, pki_a, pki_b, a, b, alice, bob)

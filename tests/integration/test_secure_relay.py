@@ -22,34 +22,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gateway.devpki import DevPki, create_dev_pki
-from tests.integration.gateway_support import GatewayProcess, free_port, short_tmpdir
+from tests.integration.gateway_support import A, B, GatewayProcess, dev_pkis, free_port, short_tmpdir, two_gateways
 
-A, B, C = "a.mssante.test", "b.mssante.test", "c.mssante.test"
+C = "c.mssante.test"
 MARKER = "Compte rendu confidentiel 7f3a9c"
-
-MSSANTE_HEADER = ("Type de BAL|Adresse BAL|Type Identifiant PP|Identifiant PP|Identification nationale PP|"
-                  "Type identifiant structure|Identification Structure|Service de rattachement|Civilité d'exercice|"
-                  "Nom d'exercice|Prénom d'exercice|Catégorie profession|Libellé de catégorie profession|"
-                  "Code Profession|Libellé Profession|Code savoir-faire|Libellé savoir-faire|Dématérialisation|"
-                  "Raison Sociale structure BAL|Enseigne commerciale structure BAL|L2COMPLEMENTLOCALISATION|"
-                  "L3COMPLEMENTDISTRIBUTION|L4NUMEROVOIE|L4COMPLEMENTNUMEROVOIE|NL4TYPEVOIE|L4LIBELLEVOIE|"
-                  "L5LIEUDITMENTION|L6LIGNEACHEMINEMENT|Code postal|Département|Pays")
-
-
-def org_row(address: str, siret: str) -> str:
-    fields = ["ORG", address, "", "", "", "3", siret, "Secrétariat", "", "", "", "", "", "", "", "", "", "",
-              "CENTRE TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75", "FRANCE"]
-    assert len(fields) == 31
-    return "|".join(fields)
-
-
-def whitelist(*domains: str) -> str:
-    entries = "".join(f"<Domaine><Nom>{d}</Nom><Description>{d}</Description>"
-                      f"<DNCertificatOperateur>CN=gw.{d},O=TEST,C=FR</DNCertificatOperateur></Domaine>"
-                      for d in domains)
-    return (f'<ListeBlanche xmlns="https://listeblanche.mssante.fr/schema">'
-            f"<DateDeGeneration>2026-11-25T03:00:00</DateDeGeneration>{entries}</ListeBlanche>")
 
 
 @dataclass
@@ -84,22 +60,10 @@ class World:
     capture: Capture
 
 
-def _run(gw: GatewayProcess, *args: str) -> None:
-    result = gw.mssgw(*args)
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture(scope="module")
 def world(dovecot_binary: Path) -> Iterator[World]:
     root = short_tmpdir()
-    pki_a: DevPki = create_dev_pki(root / "pki-a", domain=A, gateway_hostname=f"gw.{A}")
-    pki_b: DevPki = create_dev_pki(root / "pki-b", domain=B, gateway_hostname=f"gw.{B}")
-    anchors, crls = root / "anchors.pem", root / "crls.pem"
-    anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
-    crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
-    alice, bob = pki_a.organisation.email, pki_b.organisation.email
-    (root / "trust.xml").write_text(whitelist(A, B, C), encoding="utf-8")
-
+    pki_a, pki_b = dev_pkis(root)
     # The capturing peer for domain C presents B's certificate (a trust-space certificate).
     capture = Capture([])
     peer_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -108,40 +72,16 @@ def world(dovecot_binary: Path) -> Iterator[World]:
     peer = Controller(_Capturing(capture), hostname="127.0.0.1", port=capture_port, tls_context=peer_tls,
                       require_starttls=True)
     peer.start()
-
-    def smime(account: str, pki: DevPki) -> str:
-        return (f'[smime]\ntrust_anchors = "{anchors}"\ncrls = "{crls}"\n'
-                f'keys = [{{ account = "{account}", cert = "{pki.organisation.cert}", '
-                f'key = "{pki.organisation.key}" }}]\n')
-
-    inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
-    b = GatewayProcess(root / "b", pki_b.directory, domain=B, hostname=f"gw.{B}", accounts={bob: "bob-password-1"},
-                       ca=anchors, extra=inbound + smime(bob, pki_b))
-    a = GatewayProcess(root / "a", pki_a.directory, domain=A, hostname=f"gw.{A}",
-                       accounts={alice: "alice-password-1"}, ca=anchors,
-                       extra=inbound + smime(alice, pki_a)
-                       + f'[relay]\nroutes = {{ "{B}" = "[127.0.0.1]:{b.inbound_port}", '
-                         f'"{C}" = "[127.0.0.1]:{capture_port}" }}\n')
-    for gw in (a, b):
-        _run(gw, "directory", "migrate")
-        _run(gw, "directory", "whitelist", str(root / "trust.xml"))
-    extract = root / "Extraction_Correspondance_MSSante_202611250300.txt"
-    extract.write_text("\n".join([MSSANTE_HEADER, org_row(bob, "30000000000002"),
-                                  org_row(f"secretariat@{C}", "30000000000003"),
-                                  org_row(f"refused@{C}", "30000000000004")]) + "\n", encoding="utf-8")
-    _run(a, "directory", "import", str(extract))
-    # A certificate belongs to one mailbox in the directory: C's is another of PKI B's (nobody decrypts there).
-    for address, cert in ((bob, pki_b.organisation.cert), (f"secretariat@{C}", pki_b.practitioners[0].auth_cert),
-                          (f"refused@{C}", pki_b.practitioners[1].auth_cert)):
-        _run(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
-    b.start()
-    a.start()
+    # C's certificates are others of PKI B's (nobody decrypts there).
+    gws = two_gateways(root, pki_a, pki_b, routes={C: f"[127.0.0.1]:{capture_port}"},
+                       mailboxes=[(f"secretariat@{C}", pki_b.practitioners[0].auth_cert),
+                                  (f"refused@{C}", pki_b.practitioners[1].auth_cert)])
+    gws.start()
     try:
-        yield World(a, b, alice, bob, capture)
+        yield World(gws.a, gws.b, gws.alice, gws.bob, capture)
     finally:
-        for name, gw in (("A", a), ("B", b)):
-            if gw.proc is not None and gw.proc.poll() is None:
-                gw.interrupt()
+        gws.stop()
+        for name, gw in (("A", gws.a), ("B", gws.b)):
             errors = [line for line in gw.log.read_text().splitlines() if "ERROR" in line or "rror" in line]
             print(f"--- gateway {name}: errors in its log ---", *errors[-20:], sep="\n")  # shown when a test fails
         peer.stop()
