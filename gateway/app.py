@@ -59,7 +59,7 @@ class Gateway:
         trust = await asyncio.to_thread(load_trust, self.cfg.smime)
         self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
                                  trust=trust, submit=self._submit_own)
-        self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify_failures=self.pipeline.notify_failures,
+        self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify=self.pipeline.notify,
                                      concurrency=self.cfg.spool.workers)
         await asyncio.to_thread(self.spool.recover)
         if self.dovecot is not None:

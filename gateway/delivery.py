@@ -16,17 +16,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from gateway.logsetup import queue_id
-from gateway.spool import QueuedMessage, RecipientResult, Spool
+from gateway.spool import DELAY_NOTICE_AFTER, QueuedMessage, RecipientResult, Spool
 
 log = logging.getLogger(__name__)
 
 # process(message, its bytes) -> one result per pending recipient (gateway.pipeline.Pipeline.process)
 Process = Callable[[QueuedMessage, bytes], Awaitable[list[RecipientResult]]]
-# notify(message, the recipients that finally failed, its bytes): the failure DSN
-Notify = Callable[[QueuedMessage, Sequence[RecipientResult], bytes], Awaitable[None]]
+# notify(message, recipients, its bytes, "failed" | "delayed"): the failure DSN, or the delay DSN sent once
+Notify = Callable[[QueuedMessage, Sequence[RecipientResult], bytes, str], Awaitable[None]]
 
 # How often the database is asked for due messages when nothing else wakes the worker.
 POLL_INTERVAL = 2.0
@@ -36,11 +36,11 @@ PURGE_INTERVAL = 3600.0
 
 
 class DeliveryWorker:
-    def __init__(self, spool: Spool, process: Process, *, notify_failures: Notify | None = None,
+    def __init__(self, spool: Spool, process: Process, *, notify: Notify | None = None,
                  concurrency: int = 4) -> None:
         self._spool = spool
         self._process = process
-        self._notify_failures = notify_failures
+        self._notify = notify
         self._concurrency = max(1, concurrency)
         self._ready: deque[QueuedMessage] = deque()
         self._wake = asyncio.Event()
@@ -140,8 +140,15 @@ class DeliveryWorker:
             log.info("to=<%s> status=%s reply=%r", r.address, r.state, r.reply)
         log.info("message %s", state)
         failed = [r for r in results if r.state == "failed" or (state == "failed" and r.state == "retry")]
-        if failed and self._notify_failures is not None:
-            try:
-                await self._notify_failures(msg, failed, data)
-            except Exception:
-                log.exception("cannot send the failure notice")
+        late = [r for r in results if r.state == "retry"] if state == "deferred" and not msg.delay_notified \
+            and datetime.now(UTC) - msg.created_at >= DELAY_NOTICE_AFTER else []
+        if self._notify is None:
+            return
+        try:
+            if failed:
+                await self._notify(msg, failed, data, "failed")
+            if late:
+                await self._notify(msg, late, data, "delayed")
+                await asyncio.to_thread(self._spool.mark_delay_notified, msg.id)
+        except Exception:
+            log.exception("cannot send the delivery status notice")

@@ -30,7 +30,7 @@ from gateway.inbound_security import InboundResult, secure_inbound
 from gateway.lmtp import LmtpError, LmtpPool
 from gateway.mdn import build_mdn, mdn_requested
 from gateway.relay import OutboundRelay
-from gateway.spool import Incoming, QueuedMessage, RecipientResult, new_queue_id
+from gateway.spool import MAX_QUEUE_LIFETIME, Incoming, QueuedMessage, RecipientResult, new_queue_id
 from smime.certpath import TrustStore
 from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
@@ -185,12 +185,18 @@ class Pipeline:
         await self._submit(Incoming(new_queue_id(), "", (to,), mdn, rcpt))
         log.info("MDN (%s) queued for <%s>", "error" if error else "processed", to)
 
-    async def notify_failures(self, msg: QueuedMessage, failed: Sequence[RecipientResult], data: bytes) -> None:
-        """A failure DSN (RFC 3464) straight into the sender's local mailbox, one status per recipient."""
+    async def notify(self, msg: QueuedMessage, recipients: Sequence[RecipientResult], data: bytes,
+                     action: str) -> None:
+        """A failure or delay DSN (RFC 3464) straight into the sender's local mailbox, one status per recipient."""
         if msg.direction == "inbound" or not msg.sender or not self._cfg.is_local_domain(_domain(msg.sender)):
             return
-        statuses = [RecipientStatus(r.address, "failed", _final_status(r.reply), r.reply,
-                                    last_attempt=datetime.now(UTC)) for r in failed]
+        now = datetime.now(UTC)
+        if action == "delayed":
+            statuses = [RecipientStatus(r.address, "delayed", _status(r.reply, "4"), r.reply, last_attempt=now,
+                                        will_retry_until=msg.created_at + MAX_QUEUE_LIFETIME) for r in recipients]
+        else:
+            statuses = [RecipientStatus(r.address, "failed", _status(r.reply, "5"), r.reply, last_attempt=now)
+                        for r in recipients]
         dsn = await asyncio.to_thread(build_dsn, original=data, envelope_sender=msg.sender, queue_id=msg.id,
                                       reporting_mta=self._cfg.hostname, arrival=msg.created_at,
                                       recipients=statuses)
@@ -216,9 +222,10 @@ def _result(rcpt: str, code: int, text: str) -> RecipientResult:
     return RecipientResult(rcpt, state, f"{code} {text}")  # type: ignore[arg-type]
 
 
-def _final_status(reply: str) -> str:
-    """The RFC 3463 status of a final failure: the reply's own, or 5.4.7 (delivery time expired) for a 4xx."""
+def _status(reply: str, klass: str) -> str:
+    """The RFC 3463 status for a DSN of class `klass` ("5" failed, "4" delayed): the reply's own when it is of
+    that class, else 5.4.7 (delivery time expired) for a failure, 4.4.7 (message delayed) for a delay."""
     parts = reply.split()
-    if len(parts) > 1 and parts[1][:1] == "5" and parts[1].count(".") == 2:
+    if len(parts) > 1 and parts[1][:1] == klass and parts[1].count(".") == 2:
         return parts[1]
-    return "5.4.7" if reply[:1] == "4" else "5.0.0"
+    return "5.4.7" if klass == "5" else "4.4.7"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Engine,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    false,
     func,
     insert,
     select,
@@ -71,6 +73,7 @@ queue = Table(
     Column("next_attempt_at", DateTime(timezone=True), nullable=False, index=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
+    Column("delay_notified", Boolean, nullable=False, server_default=false()),
 )
 
 queue_recipients = Table(
@@ -89,6 +92,8 @@ RETRY_SCHEDULE: tuple[timedelta, ...] = (
     timedelta(hours=2), timedelta(hours=4), timedelta(hours=8), timedelta(hours=16),
 )
 MAX_QUEUE_LIFETIME = timedelta(days=5)
+# A sender hears that a message is late once, after this long (DESIGN.md: delay DSN after 4h).
+DELAY_NOTICE_AFTER = timedelta(hours=4)
 
 
 class SpoolError(GatewayError):
@@ -106,6 +111,7 @@ class QueuedMessage:
     pending: tuple[str, ...]
     """Recipients not yet delivered nor failed."""
     direction: Direction = "submission"
+    delay_notified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +297,8 @@ class Spool:
                 pending[r.queue_id].append(r.address)
         by_id = {r.id: r for r in rows}
         return [QueuedMessage(i, by_id[i].sender, by_id[i].account, by_id[i].size, _utc(by_id[i].created_at),
-                              by_id[i].attempts, tuple(pending[i]), by_id[i].direction) for i in ids]
+                              by_id[i].attempts, tuple(pending[i]), by_id[i].direction,
+                              bool(by_id[i].delay_notified)) for i in ids]
 
     def record(self, msg: QueuedMessage, results: Sequence[RecipientResult], now: datetime | None = None) -> State:
         """Write the outcome of one attempt; returns the message's new state.
@@ -340,6 +347,10 @@ class Spool:
         with self._books.begin() as conn:
             conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
                          .values(state="incoming"))
+
+    def mark_delay_notified(self, queue_id: str) -> None:
+        with self._books.begin() as conn:
+            conn.execute(update(queue).where(queue.c.id == queue_id).values(delay_notified=True))
 
     def hold(self, queue_id: str, reason: str) -> None:
         """Park an active message until an operator or a returning card releases it (DESIGN.md: `hold`)."""
