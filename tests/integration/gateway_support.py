@@ -102,7 +102,8 @@ level = "{log_level}"
                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         out.close()
         deadline = time.monotonic() + timeout
-        while b"gateway ready" not in self.log.read_bytes()[offset:]:
+        # "gateway ready" is logged at INFO; the banner on stdout (into the same file) follows it at any log level.
+        while not any(mark in self.log.read_bytes()[offset:] for mark in (b"gateway ready", b"mssgw is running")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the gateway did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
