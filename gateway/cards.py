@@ -27,6 +27,7 @@ from cps.pcsc import PcscContext
 from cps.presence import PresenceMonitor
 from cps.worker import CardSession, CardStatus
 from gateway.errors import GatewayError
+from gateway.spool import Spool
 from smime.keys import HashName, KeyTransportPadding, OaepHashName, SignaturePadding
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,32 @@ class CardUnavailable(GatewayError):
         self.account = account
         self.rpps = rpps
         super().__init__(f"CPS card of RPPS {rpps} (account {account}): {why}")
+
+
+class HoldForCard(GatewayError):
+    """The pipeline's signal: park this message in state `hold` (DESIGN.md) until its card is back and unlocked.
+
+    Raised by the pipeline from an exception `CardKeys.hold_reason` recognises; the delivery worker calls
+    `Spool.hold(queue_id, reason)` on it instead of recording a retry.
+    """
+
+    def __init__(self, account: str, reason: str) -> None:
+        self.account = account
+        self.reason = reason
+        super().__init__(reason)
+
+
+async def release_held(spool: Spool, account: str) -> list[str]:
+    """Put the held messages of `account` back in the queue (an `on_ready` for `CardKeys.watch`, with
+    `functools.partial(release_held, spool)`); returns their queue ids."""
+    def run() -> list[str]:
+        return [entry.id for entry in spool.entries(["hold"])
+                if (entry.account or "").lower() == account.lower() and spool.release(entry.id)]
+
+    released = await asyncio.to_thread(run)
+    if released:
+        log.info("account %s: %d held message(s) released: %s", account, len(released), " ".join(released))
+    return released
 
 
 class CardKeys:

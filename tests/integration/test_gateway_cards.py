@@ -2,7 +2,8 @@
 
 Issue 6 §2 and §7: the card of an account is found by its RPPS number among the readers; signing with it
 makes S/MIME that `openssl cms` opens and verifies; a locked or removed card raises an error the pipeline
-reads as "hold"; reinsertion plus the operator's unlock calls `on_ready(account)`.
+reads as "hold"; reinsertion plus the operator's unlock calls `on_ready(account)`, which releases that account's held messages
+from a real spool.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for pcsc
 
 from pcsc_support import ROOT, PcscStack, PracticeCardFiles, make_test_pki
 
+from config.schema import DatabaseConfig
 from cps.errors import CardError, PinRequired
 from cps.worker import CardSession
-from gateway.cards import CardKeys, CardUnavailable
+from gateway.cards import CardKeys, CardUnavailable, HoldForCard, release_held
+from gateway.db import create_tables, make_engine
+from gateway.spool import Spool
 from smime.certpath import TrustStore, ValidationPolicy
 from smime.keys import Decrypter, Signer
 from smime.message import open_message, sign_and_encrypt
@@ -136,32 +140,55 @@ async def test_locked_card_holds_then_unlocked_card_signs_for_openssl(keys: Card
     assert opened.reports[0].signer.rpps == RPPS
 
 
-async def test_removed_card_holds_and_comes_back_once_unlocked(keys: CardKeys, stack: PcscStack) -> None:
-    ready: asyncio.Queue[str] = asyncio.Queue()
+@pytest.fixture()
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    engine = make_engine(DatabaseConfig(url=f"sqlite:///{tmp_path / 'gw.db'}"))
+    create_tables(engine)
+    yield Spool(tmp_path / "spool", engine)
+    engine.dispose()
+
+
+async def test_removed_card_holds_and_comes_back_once_unlocked(keys: CardKeys, stack: PcscStack,
+                                                               spool: Spool) -> None:
+    ready: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue()
 
     async def on_ready(account: str) -> None:
-        await ready.put(account)
+        await ready.put((account, await release_held(spool, account)))
+
+    def hold(account: str, reason: str) -> str:
+        """What the delivery worker does with the pipeline's HoldForCard."""
+        queue_id = spool.accept(account, ["paul.testeur@autre.mssante.test"], MESSAGE, account=account)
+        [msg] = spool.claim_due(1)
+        signal = HoldForCard(account, reason)
+        spool.hold(msg.id, signal.reason)
+        return queue_id
 
     watcher = asyncio.create_task(keys.watch(on_ready))
     try:
         await _operator_unlock(stack)
-        assert await asyncio.wait_for(ready.get(), 20) == ACCOUNT
+        assert await asyncio.wait_for(ready.get(), 20) == (ACCOUNT, [])
         signer = keys.signer_for(ACCOUNT)
         assert len(await signer.sign(b"while present")) == 256
 
         await asyncio.to_thread(stack.remove)
         with pytest.raises((CardError, CardUnavailable)) as removed:
             await signer.sign(b"while absent")
-        assert keys.hold_reason(removed.value) is not None
+        reason = keys.hold_reason(removed.value)
+        assert reason is not None
+        held = hold(ACCOUNT, reason)
+        not_ours = hold("other@dev.mssante.test", "CPS card of RPPS 10009999999: not in any reader")
 
         await asyncio.to_thread(stack.insert)
         with pytest.raises(PinRequired) as locked:
             await signer.sign(b"reinserted, still locked")
         assert keys.hold_reason(locked.value) is not None
         assert ready.empty()  # nothing released before the operator has unlocked the card
+        assert {e.id for e in spool.entries(["hold"])} == {held, not_ours}
 
         await _operator_unlock(stack)
-        assert await asyncio.wait_for(ready.get(), 20) == ACCOUNT
+        assert await asyncio.wait_for(ready.get(), 20) == (ACCOUNT, [held])
+        assert [e.id for e in spool.entries(["hold"])] == [not_ours]
+        assert [m.id for m in spool.claim_due(5)] == [held]
         assert len(await signer.sign(b"after the unlock")) == 256
     finally:
         watcher.cancel()
