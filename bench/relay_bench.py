@@ -3,12 +3,14 @@ mailbox on gateway B (A signs with the organisation key file and encrypts, relay
 B's port-25 listener; B decrypts, verifies, marks and delivers over LMTP), beside a plain baseline
 measured in the same run by the same harness.
 
-    .venv/bin/python bench/relay_bench.py [--messages 100] [--size 20480] [--repeats 3] [--paced-seconds 15]
+    .venv/bin/python bench/relay_bench.py [--messages 60] [--size 20480] [--repeats 3] [--paced-seconds 10]
 
 The two gateways are the ones tests/integration/test_secure_relay.py checks (gateway_support.two_gateways).
 Every figure is taken the same way: clients send over STARTTLS (+ AUTH on submission), one connection
-each; an IMAP session on B polls with NOOP (not IDLE: Dovecot batches IDLE notifications) and reads the
-Subject of each new message, so a message counts when bob can read it. Latency runs from the 250 after
+each; an IMAP session on B polls with NOOP every `--poll-ms` (not IDLE: Dovecot batches IDLE notifications)
+and reads the Subject of each new message, so a message counts when bob can read it. The gateway relays
+IMAP to Dovecot on its own event loop (gateway/dovecot.py, _splice), so polling loads B a little: 10 ms
+rather than the 1-2 ms of bench/submission.py. Latency runs from the 250 after
 DATA to that moment. Throughput stops the clock at the last arrival. Medians over `--repeats`.
 
 The plain baseline. The relay cannot be run with S/MIME switched off: A signs and encrypts everything it
@@ -112,6 +114,7 @@ class Watcher:
     user: str
     arrivals: dict[str, float] = field(default_factory=dict)
     verdicts: dict[str, str] = field(default_factory=dict)
+    poll: float = 0.01
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -142,7 +145,7 @@ class Watcher:
                             self.arrivals[subject] = now
                             self.verdicts[subject] = str(headers.get("MSSGW-Security", "")).split(";")[0].strip()
                 self.seen = last
-            time.sleep(0.002)
+            time.sleep(self.poll)
 
     def wait_for(self, subjects: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -221,11 +224,12 @@ def ms(values: list[float], q: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=100, help="messages per throughput measurement (default 100)")
+    ap.add_argument("--messages", type=int, default=60, help="messages per throughput measurement (default 60)")
     ap.add_argument("--size", type=int, default=20 * 1024, help="message size in bytes (default 20480)")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per figure; the median is printed")
     ap.add_argument("--paced-rate", type=float, default=20.0, help="offered load of the paced run (msg/s)")
-    ap.add_argument("--paced-seconds", type=float, default=15.0, help="length of the paced run (default 15 s)")
+    ap.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced run (default 10 s)")
+    ap.add_argument("--poll-ms", type=float, default=10.0, help="IMAP NOOP polling interval on B (default 10 ms)")
     ap.add_argument("--workers", type=int, default=8, help="spool workers on each gateway (default 8)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -235,7 +239,7 @@ def main() -> None:
     pki_a, pki_b = dev_pkis(root)
     gws = two_gateways(root, pki_a, pki_b, log_level="WARNING", spool_workers=args.workers)
     gws.start()
-    watcher = Watcher(gws.b, gws.bob)
+    watcher = Watcher(gws.b, gws.bob, poll=args.poll_ms / 1000)
     smime, local, inbound = paths(gws)
     try:
         run(smime, watcher, clients=1, total=3, size=args.size)  # warm-up: connections, caches, directory
@@ -267,7 +271,11 @@ def main() -> None:
         print(f"paced: {total} messages offered at {args.paced_rate:g} msg/s (open loop, 8 connections): "
               f"delivered {paced.rate:.1f} msg/s, latency p50 {ms(paced.latencies, 0.5)} ms, "
               f"p99 {p99 * 1000:.0f} ms (target < 500 ms: {'met' if p99 < 0.5 else 'NOT met'})")
-        print("latency: from the 250 after DATA on A to the message readable by bob on B over IMAP (NOOP polling)")
+        if paced.rate < 0.95 * args.paced_rate:
+            print(f"  the offered load exceeds what the relay delivers ({paced.rate:.1f} msg/s): the queue grows for the "
+                  "whole run and the latency measures that queue")
+        print(f"latency: from the 250 after DATA on A to the message readable by bob on B over IMAP (NOOP polling "
+              f"every {args.poll_ms:g} ms)")
     finally:
         watcher.close()
         gws.stop()
