@@ -172,6 +172,17 @@ class CardKeys:
                 return session
         raise CardUnavailable(account, rpps, "not in any reader")
 
+    async def _locate(self, account: str, rpps: str) -> CardSession:
+        """As `_session_for`, but first looks again at the readers whose card was last seen gone (an insertion
+        the presence watcher has not reported yet)."""
+        try:
+            return self._session_for(account, rpps)
+        except CardUnavailable:
+            for reader, session in list(self._sessions.items()):
+                if not session.cached_status.present:
+                    await self._probe(reader)
+            return self._session_for(account, rpps)
+
     def _operation_failed(self, session: CardSession, exc: BaseException) -> None:
         """A hold on a card still in its reader (locked, reset): watch for the operator's unlock."""
         if self.hold_reason(exc) is not None and self._on_ready is not None:
@@ -186,6 +197,8 @@ class CardKeys:
                 session = CardSession(reader, timeout=self._timeout)
             status = await _refresh(session)
             account = self._accounts.get(status.rpps or "")
+            if account is None and not status.present and reader in self._sessions:
+                return None  # a bound card's reader, empty for now: keep it for the card's return
             if account is None:
                 self._sessions.pop(reader, None)
                 await _close(session, reset=False)  # not ours: leave its PIN state alone
@@ -242,7 +255,7 @@ class CardSigner:
 
     async def sign(self, data: bytes, *, hash_name: HashName = "sha256",
                    padding: SignaturePadding = "pkcs1v15") -> bytes:
-        session = self._keys._session_for(self.account, self.rpps)
+        session = await self._keys._locate(self.account, self.rpps)
         try:
             signature = await session.signer().sign(data, hash_name=hash_name, padding=padding)
         except CardError as exc:
@@ -266,7 +279,7 @@ class CardDecrypter:
 
     async def decrypt_key(self, encrypted_key: bytes, *, padding: KeyTransportPadding = "pkcs1v15",
                           oaep_hash: OaepHashName = "sha256") -> bytes:
-        session = self._keys._session_for(self.account, self.rpps)
+        session = await self._keys._locate(self.account, self.rpps)
         try:
             key = await session.decrypter().decrypt_key(encrypted_key, padding=padding, oaep_hash=oaep_hash)
         except CardError as exc:
