@@ -95,12 +95,21 @@ class KeyFileConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CardBinding:
+    """A practitioner's mailbox whose key is the CPS card of this RPPS number (read in any PC/SC reader)."""
+
+    account: str
+    rpps: str
+
+
+@dataclass(frozen=True, slots=True)
 class SmimeConfig:
     """S/MIME: the trust anchors and CRLs of the trust space, and the keys of local accounts."""
 
     trust_anchors: Path
     crls: Path | None = None
     keys: tuple[KeyFileConfig, ...] = ()
+    cards: tuple[CardBinding, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,13 +19,14 @@ from directory_sync.database import migrate as migrate_directory
 from directory_sync.lookup import DirectoryLookup
 from directory_sync.whitelist import TrustSpace
 from gateway.accounts import AccountStore
+from gateway.cards import CardKeys, release_held
 from gateway.db import create_tables, make_engine
 from gateway.delivery import DeliveryWorker
 from gateway.dovecot import DovecotSupervisor
 from gateway.inbound import InboundHandler, peer_tls_context, start_inbound
 from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
-from gateway.pipeline import KeyRing, Pipeline, load_trust
+from gateway.pipeline import AccountKeys, KeyRing, Pipeline, load_trust
 from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
 from gateway.spool import GroupCommitter, Incoming, Spool
 from gateway.submission import RemotePolicy, SubmissionHandler, start_submission
@@ -49,13 +50,19 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self.worker: DeliveryWorker | None = None
         self._committer = GroupCommitter(self.spool)
+        self.cards: CardKeys | None = None
+        self._card_watch: asyncio.Task[None] | None = None
         self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         await asyncio.to_thread(create_tables, self.engine)
         await asyncio.to_thread(migrate_directory, self.engine)
         await asyncio.to_thread(self.trust_space.reload)
-        keys = await asyncio.to_thread(KeyRing.load, self.cfg.smime)
+        cards = self.cfg.smime.cards if self.cfg.smime is not None else ()
+        if cards:
+            self.cards = CardKeys({c.account: c.rpps for c in cards})
+            await self.cards.start()
+        keys = AccountKeys(await asyncio.to_thread(KeyRing.load, self.cfg.smime), self.cards)
         trust = await asyncio.to_thread(load_trust, self.cfg.smime)
         self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
                                  trust=trust, submit=self._submit_own)
@@ -66,10 +73,11 @@ class Gateway:
             await self.dovecot.start()
             await self.dovecot.wait_ready()
         self.worker.start()
+        if self.cards is not None:
+            self._card_watch = asyncio.create_task(self.cards.watch(self._card_ready), name="card-watch")
         committer = self._committer
         handler = SubmissionHandler(self.cfg, self.accounts, committer, self.worker.enqueue,
-                                    remote=RemotePolicy(self.directory, self.trust_space,
-                                                        lambda account: keys.key_for(account) is not None)
+                                    remote=RemotePolicy(self.directory, self.trust_space, keys.has_key)
                                     if self.relay is not None else None)
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
         if self.cfg.inbound is not None:
@@ -77,6 +85,11 @@ class Gateway:
             self._servers.append(await start_inbound(self.cfg, self.cfg.inbound.listen, peers,
                                                      peer_tls_context(self.cfg.tls)))
         log.info("gateway ready")
+
+    async def _card_ready(self, account: str) -> None:
+        """A card is back and unlocked: its account's held messages go on (issue 6, item 2)."""
+        if await release_held(self.spool, account) and self.worker is not None:
+            self.worker.poll_now()
 
     async def _submit_own(self, message: Incoming) -> None:
         """A message the gateway writes itself (an MDN): spooled like any other, then handed to the worker."""
@@ -91,8 +104,13 @@ class Gateway:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        if self._card_watch is not None:
+            self._card_watch.cancel()
+            await asyncio.gather(self._card_watch, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
+        if self.cards is not None:
+            await self.cards.close()
         await self.lmtp.close()
         if self.dovecot is not None:
             await self.dovecot.stop()

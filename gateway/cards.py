@@ -26,7 +26,7 @@ from cps.errors import CardError
 from cps.pcsc import PcscContext
 from cps.presence import PresenceMonitor
 from cps.worker import CardSession, CardStatus
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, HoldMessage
 from gateway.spool import Spool
 from smime.keys import HashName, KeyTransportPadding, OaepHashName, SignaturePadding
 
@@ -46,7 +46,7 @@ class CardUnavailable(GatewayError):
         super().__init__(f"CPS card of RPPS {rpps} (account {account}): {why}")
 
 
-class HoldForCard(GatewayError):
+class HoldForCard(HoldMessage):
     """The pipeline's signal: park this message in state `hold` (DESIGN.md) until its card is back and unlocked.
 
     Raised by the pipeline from an exception `CardKeys.hold_reason` recognises; the delivery worker calls
@@ -55,7 +55,6 @@ class HoldForCard(GatewayError):
 
     def __init__(self, account: str, reason: str) -> None:
         self.account = account
-        self.reason = reason
         super().__init__(reason)
 
 

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from gateway.errors import HoldMessage
 from gateway.logsetup import queue_id
 from gateway.spool import DELAY_NOTICE_AFTER, QueuedMessage, RecipientResult, Spool
 
@@ -128,6 +129,10 @@ class DeliveryWorker:
         except asyncio.CancelledError:
             await asyncio.to_thread(self._spool.release_active, msg.id)
             raise
+        except HoldMessage as exc:
+            log.warning("message held: %s", exc.reason)
+            await asyncio.to_thread(self._spool.hold, msg.id, exc.reason)
+            return
         except Exception as exc:  # noqa: BLE001 - whatever failed, the message waits for its next attempt
             log.warning("delivery attempt failed: %s", exc)
             results = [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in msg.pending]

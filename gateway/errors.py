@@ -10,6 +10,14 @@ class GatewayError(Exception):
     """Base class of the gateway's own errors."""
 
 
+class HoldMessage(GatewayError):
+    """Park this message in state `hold` (DESIGN.md) until what it waits for is back (a CPS card, an operator)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class SmtpReplyError(GatewayError):
     """An error answered in the SMTP session: code, enhanced status code (RFC 3463), a sentence."""
 

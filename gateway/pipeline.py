@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from config.schema import GatewayConfig, SmimeConfig
 from directory_sync.errors import DirectoryError
 from directory_sync.lookup import DirectoryLookup
+from gateway.cards import CardKeys, HoldForCard
 from gateway.dsn import RecipientStatus, build_dsn
 from gateway.inbound_security import InboundResult, secure_inbound
 from gateway.lmtp import LmtpError, LmtpPool
@@ -34,6 +35,7 @@ from gateway.spool import MAX_QUEUE_LIFETIME, Incoming, QueuedMessage, Recipient
 from smime.certpath import TrustStore
 from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
+from smime.keys import Decrypter, Signer
 from smime.message import sign_and_encrypt
 from smime.verify import match_from_address
 
@@ -58,6 +60,38 @@ class KeyRing:
         return self.keys.get(account.lower()) if account else None
 
 
+class AccountKeys:
+    """Which key signs and decrypts for an account: its CPS card when it is bound to one, else its key file."""
+
+    def __init__(self, files: KeyRing, cards: CardKeys | None = None) -> None:
+        self._files = files
+        self._cards = cards
+
+    def has_key(self, account: str | None) -> bool:
+        return self._files.key_for(account) is not None or (self._cards is not None and self._cards.binds(account))
+
+    def signing(self, account: str) -> tuple[Signer, x509.Certificate, tuple[x509.Certificate, ...]]:
+        """The signer, the account's own encryption certificate and the chain to send. A card's
+        certificates are read from the card: an absent or locked card raises what `hold_reason` knows."""
+        if self._cards is not None and self._cards.binds(account):
+            return self._cards.signer_for(account), self._cards.decrypter_for(account).certificate, ()
+        key = self._files.key_for(account)
+        if key is None:
+            raise LookupError(account)
+        return key, key.certificate, key.chain
+
+    def decrypter(self, account: str) -> Decrypter | None:
+        if self._cards is not None and self._cards.binds(account):
+            return self._cards.decrypter_for(account)
+        return self._files.key_for(account)
+
+    @staticmethod
+    def hold(account: str, exc: BaseException) -> HoldForCard | None:
+        """The hold signal for an error that means "the card is not there or not unlocked", else None."""
+        reason = CardKeys.hold_reason(exc)
+        return HoldForCard(account, reason) if reason is not None else None
+
+
 def load_trust(cfg: SmimeConfig | None) -> TrustStore | None:
     """The trust anchors and CRLs (blocking: call from a thread)."""
     if cfg is None:
@@ -72,12 +106,12 @@ Submit = Callable[[Incoming], Awaitable[None]]
 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, lmtp: LmtpPool, *, relay: OutboundRelay | None = None,
-                 keys: KeyRing | None = None, directory: DirectoryLookup | None = None,
+                 keys: AccountKeys | None = None, directory: DirectoryLookup | None = None,
                  trust: TrustStore | None = None, submit: Submit | None = None) -> None:
         self._cfg = cfg
         self._lmtp = lmtp
         self._relay = relay
-        self._keys = keys or KeyRing({})
+        self._keys = keys or AccountKeys(KeyRing({}))
         self._directory = directory
         self._trust = trust
         self._submit = submit
@@ -88,10 +122,10 @@ class Pipeline:
         local = [r for r in msg.pending if self._cfg.is_local_domain(_domain(r))]
         remote = [r for r in msg.pending if r not in local]
         results: list[RecipientResult] = []
+        if remote:  # first: a card that is not there holds the whole message before any copy is delivered
+            results += await self._outbound(msg, remote, data)
         if local:
             results += await self._to_mailboxes(msg.sender, local, data)
-        if remote:
-            results += await self._outbound(msg, remote, data)
         return results
 
     async def _to_mailboxes(self, sender: str, recipients: Sequence[str], data: bytes) -> list[RecipientResult]:
@@ -103,10 +137,10 @@ class Pipeline:
                 for r in recipients]
 
     async def _outbound(self, msg: QueuedMessage, recipients: list[str], data: bytes) -> list[RecipientResult]:
-        key = self._keys.key_for(msg.account)
-        if self._relay is None or self._directory is None or key is None:
+        account = msg.account or ""
+        if self._relay is None or self._directory is None or not self._keys.has_key(account):
             why = "no relay configured" if self._relay is None else "no directory" if self._directory is None \
-                else f"no signing key for account {msg.account}"
+                else f"no signing key for account {account}"
             return [RecipientResult(r, "failed", f"554 5.7.1 Cannot send to another gateway: {why}")
                     for r in recipients]
         results: list[RecipientResult] = []
@@ -128,9 +162,15 @@ class Pipeline:
         if not sendable:
             return results
         try:
-            sealed = await sign_and_encrypt(data, key, certificates, sender_encryption_certificate=key.certificate,
-                                            chain=key.chain)
-        except SmimeError as exc:
+            signer, own_certificate, chain = self._keys.signing(account)
+            sealed = await sign_and_encrypt(data, signer, certificates, sender_encryption_certificate=own_certificate,
+                                            chain=chain)
+        except Exception as exc:
+            hold = self._keys.hold(account, exc)
+            if hold is not None:
+                raise hold from exc
+            if not isinstance(exc, SmimeError):
+                raise
             log.error("cannot sign and encrypt: %s", exc)
             return results + [RecipientResult(r, "failed", f"554 5.7.0 Cannot sign and encrypt: {exc}")
                               for r in sendable]
@@ -143,8 +183,14 @@ class Pipeline:
         results = []
         identity = self._identity if self._directory is not None else None
         for rcpt in msg.pending:
-            opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.key_for(rcpt),
-                                          trust=self._trust, identity_check=identity, hostname=self._cfg.hostname)
+            try:
+                opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.decrypter(rcpt),
+                                              trust=self._trust, identity_check=identity, hostname=self._cfg.hostname)
+            except Exception as exc:
+                hold = self._keys.hold(rcpt, exc)
+                if hold is not None:
+                    raise hold from exc
+                raise
             log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict,
                      f" ({opened.reason})" if opened.reason else "")
             if opened.transient:
