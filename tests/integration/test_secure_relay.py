@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,27 @@ def test_a_refusal_by_the_peer_ends_in_a_dsn_in_the_senders_inbox(world: World) 
     assert f"Final-Recipient: rfc822; {refused}".encode() in text or f"Final-Recipient: rfc822;{refused}".encode() in text
     assert b"Action: failed" in text and b"Status: 5.1.1" in text
     assert MARKER.encode() not in dsn  # the body never goes back in a notice
+
+
+def test_xdm_attachment_and_subject_cross_intact(world: World) -> None:
+    """An IHE_XDM.ZIP and a `XDM/1.0/DDM+…` subject through signing, encryption, relay, decryption (issue 6, item 6)."""
+    zip_bytes = bytes(range(256)) * 40 + b"PK\x05\x06" + b"\x00" * 18  # any bytes: the ZIP must come back identical
+    msg = EmailMessage()
+    msg["From"], msg["To"] = world.alice, world.bob
+    msg["Subject"] = "XDM/1.0/DDM+Compte rendu d'hospitalisation"
+    msg.set_content("Document joint au format IHE XDM.\n")
+    msg.add_attachment(zip_bytes, maintype="application", subtype="zip", filename="IHE_XDM.ZIP")
+    with world.a.smtp(world.alice) as s:
+        assert s.sendmail(world.alice, [world.bob], msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))) == {}
+    deadline = time.monotonic() + 30
+    while True:
+        found = [m for m in wait_for_mail(world.b, world.bob) if b"XDM/1.0/DDM+" in m]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    [received] = found
+    got = email.message_from_bytes(received, policy=email.policy.default)
+    assert got["Subject"] == "XDM/1.0/DDM+Compte rendu d'hospitalisation"
+    assert got["MSSGW-Security"].startswith("verified")
+    [part] = [p for p in got.walk() if p.get_filename() == "IHE_XDM.ZIP"]
+    assert part.get_content() == zip_bytes
