@@ -50,11 +50,13 @@ class GatewayProcess:
 
     def __init__(self, root: Path, pki: Path, database_url: str | None = None, *, domain: str = DOMAIN,
                  hostname: str = "gw.dev.mssante.test", accounts: Mapping[str, str] | None = None,
-                 ca: Path | None = None, extra: str = "", log_level: str = "DEBUG", spool_workers: int = 4) -> None:
+                 ca: Path | None = None, extra: str = "", log_level: str = "DEBUG", spool_workers: int = 4,
+                 inbound_port: int | None = None) -> None:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
-        self.smtp_port, self.imap_port, self.inbound_port = free_port(), free_port(), free_port()
+        self.smtp_port, self.imap_port = free_port(), free_port()
+        self.inbound_port = inbound_port or free_port()
         self.passwords = dict(accounts if accounts is not None else PASSWORDS)
         self.config = root / "gateway.toml"
         self.config.write_text(f"""
@@ -223,14 +225,16 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
                 f'key = "{pki.organisation.key}" }}]\n')
 
     inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
+    a_inbound = free_port()  # B routes A's domain back to it (MDNs)
     b = GatewayProcess(root / "b", pki_b.directory, domain=B, hostname=f"gw.{B}", accounts={bob: "bob-password-1"},
-                       ca=anchors, extra=inbound + smime(bob, pki_b), log_level=log_level,
-                       spool_workers=spool_workers)
+                       ca=anchors, extra=inbound + smime(bob, pki_b)
+                       + f'[relay]\nroutes = {{ "{A}" = "[127.0.0.1]:{a_inbound}" }}\n',
+                       log_level=log_level, spool_workers=spool_workers)
     table = ", ".join(f'"{d}" = "{hop}"' for d, hop in {B: f"[127.0.0.1]:{b.inbound_port}", **extra_routes}.items())
     a = GatewayProcess(root / "a", pki_a.directory, domain=A, hostname=f"gw.{A}",
                        accounts={alice: "alice-password-1"}, ca=anchors,
                        extra=inbound + smime(alice, pki_a) + f"[relay]\nroutes = {{ {table} }}\n",
-                       log_level=log_level, spool_workers=spool_workers)
+                       log_level=log_level, spool_workers=spool_workers, inbound_port=a_inbound)
     for gw in (a, b):
         run_mssgw(gw, "directory", "migrate")
         run_mssgw(gw, "directory", "whitelist", str(root / "trust.xml"))
@@ -243,4 +247,8 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
     # A certificate belongs to one mailbox in the directory.
     for address, cert in entries:
         run_mssgw(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
+    back = root / "Extraction_Correspondance_MSSante_202611250301.txt"  # B's directory knows alice (for MDNs)
+    back.write_text("\n".join([MSSANTE_HEADER, org_row(alice, "30000000000001")]) + "\n", encoding="utf-8")
+    run_mssgw(b, "directory", "import", str(back))
+    run_mssgw(b, "directory", "add-cert", "--address", alice, "--usage", "encryption", str(pki_a.organisation.cert))
     return TwoGateways(root, pki_a, pki_b, a, b, alice, bob)

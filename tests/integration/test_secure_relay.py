@@ -173,3 +173,24 @@ def test_xdm_attachment_and_subject_cross_intact(world: World) -> None:
     assert got["MSSGW-Security"].startswith("verified")
     [part] = [p for p in got.walk() if p.get_filename() == "IHE_XDM.ZIP"]
     assert part.get_content() == zip_bytes
+
+
+def test_a_requested_mdn_comes_back_signed_and_encrypted(world: World) -> None:
+    """Disposition-Notification-To on alice's letter: B sends the MSSanté `processed` MDN (mssante.md §1.7) from
+    bob's account, signed and encrypted, back through A's port 25 into alice's inbox."""
+    mail = letter(world.alice, world.bob, "Avec accuse").replace(
+        b"\r\nMIME-Version:", f"\r\nDisposition-Notification-To: {world.alice}\r\nMIME-Version:".encode())
+    with world.a.smtp(world.alice) as s:
+        assert s.sendmail(world.alice, [world.bob], mail) == {}
+    deadline = time.monotonic() + 40
+    while True:
+        mdns = [m for m in wait_for_mail(world.a, world.alice) if b"disposition-notification" in m]
+        if mdns or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    [mdn] = mdns
+    report = email.message_from_bytes(mdn, policy=email.policy.default)
+    assert report["MSSGW-Security"].startswith("verified")  # it crossed signed and encrypted, like any mail
+    assert report.get_param("report-type") == "disposition-notification"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/disposition-notification")
+    assert b"automatic-action/MDN-sent-automatically; processed" in status.as_bytes()
