@@ -19,12 +19,15 @@ from pathlib import Path
 from config.schema import DatabaseConfig
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
-from gateway.devpki import DevPki, create_dev_pki
+from gateway.devpki import DevPki, Practitioner, create_dev_pki
 
 DOMAIN = "dev.mssante.test"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 PASSWORDS = {ALICE: "alice-long-password", BOB: "bob-long-password"}
 ROOT = Path(__file__).resolve().parents[2]
+
+
+CARD_HOLDER_PASSWORD = "card-holder-password-1"
 
 
 def free_port() -> int:
@@ -92,10 +95,10 @@ level = "{log_level}"
             store.add(address, password)
         engine.dispose()
 
-    def mssgw(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def mssgw(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """An operator command against this gateway's configuration."""
         return subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(self.config), *args], cwd=ROOT,
-                              capture_output=True, text=True, check=False)
+                              input=stdin, capture_output=True, text=True, check=False)
 
     def start(self, timeout: float = 30) -> None:
         offset = self.log.stat().st_size if self.log.exists() else 0
@@ -119,6 +122,12 @@ level = "{log_level}"
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(30)
+
+    def smtp_as(self, user: str, password: str) -> smtplib.SMTP:
+        c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
+        c.starttls(context=self._tls())
+        c.login(user, password)
+        return c
 
     def smtp(self, user: str = ALICE) -> smtplib.SMTP:
         c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
@@ -158,6 +167,15 @@ def org_row(address: str, siret: str) -> str:
     """One organisation mailbox line of the ANS directory extract (the `Extraction_Correspondance_MSSante` file)."""
     fields = ["ORG", address, "", "", "", "3", siret, "Secrétariat", "", "", "", "", "", "", "", "", "", "",
               "CENTRE TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75", "FRANCE"]
+    assert len(fields) == 31
+    return "|".join(fields)
+
+
+def per_row(address: str, rpps: str, surname: str, given: str) -> str:
+    """One practitioner's personal mailbox line of the same extract (type PER, identified by RPPS)."""
+    fields = ["PER", address, "8", rpps, "8" + rpps, "", "", "", "DR", surname, given, "C", "Civil", "10", "Médecin",
+              "", "", "", "CABINET TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75",
+              "FRANCE"]
     assert len(fields) == 31
     return "|".join(fields)
 
@@ -207,11 +225,13 @@ def dev_pkis(root: Path) -> tuple[DevPki, DevPki]:
 
 def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[str, str] | None = None,
                  mailboxes: Sequence[tuple[str, Path]] = (), log_level: str = "DEBUG",
-                 spool_workers: int = 4) -> TwoGateways:
+                 spool_workers: int = 4, card_holders: Sequence[Practitioner] = ()) -> TwoGateways:
     """Configure (not start) A and B: both trust both PKIs' roots and CRLs and the trust space {A, B, routed
     domains}; each signs/decrypts with its organisation key file; A routes B's domain to B's inbound listener
     (plus `routes`, domain -> "[host]:port"), and its directory gives bob's encryption certificate (plus
-    `mailboxes`: (address, encryption certificate) of other domains)."""
+    `mailboxes`: (address, encryption certificate) of other domains). `card_holders`: practitioners of PKI A
+    whose accounts on A sign with their CPS card (`[[smime.cards]]`), published with their RPPS number in B's
+    directory (which checks the signer's RPPS against the From address)."""
     anchors, crls = root / "anchors.pem", root / "crls.pem"
     anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
     crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
@@ -219,10 +239,11 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
     extra_routes = dict(routes or {})
     (root / "trust.xml").write_text(whitelist(A, B, *extra_routes), encoding="utf-8")
 
-    def smime(account: str, pki: DevPki) -> str:
+    def smime(account: str, pki: DevPki, cards: Sequence[Practitioner] = ()) -> str:
+        bindings = ", ".join(f'{{ account = "{p.email}", rpps = "{p.rpps}" }}' for p in cards)
         return (f'[smime]\ntrust_anchors = "{anchors}"\ncrls = "{crls}"\n'
                 f'keys = [{{ account = "{account}", cert = "{pki.organisation.cert}", '
-                f'key = "{pki.organisation.key}" }}]\n')
+                f'key = "{pki.organisation.key}" }}]\ncards = [{bindings}]\n')
 
     inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
     a_inbound = free_port()  # B routes A's domain back to it (MDNs)
@@ -232,8 +253,8 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
                        log_level=log_level, spool_workers=spool_workers)
     table = ", ".join(f'"{d}" = "{hop}"' for d, hop in {B: f"[127.0.0.1]:{b.inbound_port}", **extra_routes}.items())
     a = GatewayProcess(root / "a", pki_a.directory, domain=A, hostname=f"gw.{A}",
-                       accounts={alice: "alice-password-1"}, ca=anchors,
-                       extra=inbound + smime(alice, pki_a) + f"[relay]\nroutes = {{ {table} }}\n",
+                       accounts={alice: "alice-password-1", **{p.email: CARD_HOLDER_PASSWORD for p in card_holders}},
+                       ca=anchors, extra=inbound + smime(alice, pki_a, card_holders) + f"[relay]\nroutes = {{ {table} }}\n",
                        log_level=log_level, spool_workers=spool_workers, inbound_port=a_inbound)
     for gw in (a, b):
         run_mssgw(gw, "directory", "migrate")
@@ -248,7 +269,9 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
     for address, cert in entries:
         run_mssgw(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
     back = root / "Extraction_Correspondance_MSSante_202611250301.txt"  # B's directory knows alice (for MDNs)
-    back.write_text("\n".join([MSSANTE_HEADER, org_row(alice, "30000000000001")]) + "\n", encoding="utf-8")
+    back.write_text("\n".join([MSSANTE_HEADER, org_row(alice, "30000000000001"),
+                               *(per_row(p.email, p.rpps, p.surname, p.given_name) for p in card_holders)]) + "\n",
+                    encoding="utf-8")
     run_mssgw(b, "directory", "import", str(back))
     run_mssgw(b, "directory", "add-cert", "--address", alice, "--usage", "encryption", str(pki_a.organisation.cert))
     return TwoGateways(root, pki_a, pki_b, a, b, alice, bob)
