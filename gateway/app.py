@@ -75,13 +75,13 @@ class Gateway:
         self.worker.start()
         if self.cards is not None:
             self._card_watch = asyncio.create_task(self.cards.watch(self._card_ready), name="card-watch")
-        committer = self._committer
-        handler = SubmissionHandler(self.cfg, self.accounts, committer, self.worker.enqueue,
+        handler = SubmissionHandler(self.cfg, self.accounts, self._committer, self.worker.enqueue,
                                     remote=RemotePolicy(self.directory, self.trust_space, keys.has_key)
                                     if self.relay is not None else None)
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
         if self.cfg.inbound is not None:
-            peers = InboundHandler(self.cfg, self.accounts, committer, self.worker.enqueue, self._in_trust_space)
+            peers = InboundHandler(self.cfg, self.accounts, self._committer, self.worker.enqueue,
+                                   self._in_trust_space)
             self._servers.append(await start_inbound(self.cfg, self.cfg.inbound.listen, peers,
                                                      peer_tls_context(self.cfg.tls)))
         log.info("gateway ready")
