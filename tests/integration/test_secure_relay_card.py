@@ -26,7 +26,7 @@ from tests.integration.gateway_support import (
 from tests.pcsc_support import PcscStack, PracticeCardFiles
 
 PIN = "1234"
-RPPS = "10001234567"
+RPPS = "10007654321"  # not the `make run` demo card (10001234567), which may sit in the other slot
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def setup(dovecot_binary: Path) -> Iterator[tuple[TwoGateways, PcscStack, Practi
     root = short_tmpdir()
     pki_a, pki_b = dev_pkis(root)
     jeanne = pki_a.practitioner(RPPS)
+    (root / "pcsc").mkdir()
     stack = PcscStack(root / "pcsc", PracticeCardFiles(pki=pki_a.directory, rpps=RPPS, ca_cert=pki_a.personnes_cert),
                       pin=PIN)
     stack.start()
