@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -240,13 +241,29 @@ class CardKeys:
             await asyncio.sleep(self._poll)
 
 
-class CardSigner:
-    """A `Signer` (smime/keys.py) for an account: the key 0x81 of whichever reader holds its card right now."""
+T = TypeVar("T")
+
+
+class _CardKey:
+    """What the card signer and decrypter share: the account, its RPPS number, and running one key
+    operation on whichever reader holds that card now, a failure reported to `CardKeys`."""
 
     def __init__(self, keys: CardKeys, account: str, rpps: str) -> None:
         self._keys = keys
         self.account = account
         self.rpps = rpps
+
+    async def _run(self, operation: Callable[[CardSession], Awaitable[T]]) -> tuple[CardSession, T]:
+        session = await self._keys._locate(self.account, self.rpps)
+        try:
+            return session, await operation(session)
+        except CardError as exc:
+            self._keys._operation_failed(session, exc)
+            raise
+
+
+class CardSigner(_CardKey):
+    """A `Signer` (smime/keys.py) for an account: the key 0x81 of whichever reader holds its card right now."""
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -254,23 +271,14 @@ class CardSigner:
 
     async def sign(self, data: bytes, *, hash_name: HashName = "sha256",
                    padding: SignaturePadding = "pkcs1v15") -> bytes:
-        session = await self._keys._locate(self.account, self.rpps)
-        try:
-            signature = await session.signer().sign(data, hash_name=hash_name, padding=padding)
-        except CardError as exc:
-            self._keys._operation_failed(session, exc)
-            raise
+        session, signature = await self._run(
+            lambda s: s.signer().sign(data, hash_name=hash_name, padding=padding))
         _check_signature(session.cached_status, self.account, self.rpps, signature, data)
         return signature
 
 
-class CardDecrypter:
+class CardDecrypter(_CardKey):
     """A `Decrypter` (smime/keys.py) for an account: the key 0x82 of whichever reader holds its card."""
-
-    def __init__(self, keys: CardKeys, account: str, rpps: str) -> None:
-        self._keys = keys
-        self.account = account
-        self.rpps = rpps
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -278,12 +286,8 @@ class CardDecrypter:
 
     async def decrypt_key(self, encrypted_key: bytes, *, padding: KeyTransportPadding = "pkcs1v15",
                           oaep_hash: OaepHashName = "sha256") -> bytes:
-        session = await self._keys._locate(self.account, self.rpps)
-        try:
-            key = await session.decrypter().decrypt_key(encrypted_key, padding=padding, oaep_hash=oaep_hash)
-        except CardError as exc:
-            self._keys._operation_failed(session, exc)
-            raise
+        session, key = await self._run(
+            lambda s: s.decrypter().decrypt_key(encrypted_key, padding=padding, oaep_hash=oaep_hash))
         if session.cached_status.rpps != self.rpps:
             raise CardUnavailable(self.account, self.rpps, f"another card was put in reader {session.reader}")
         return key
