@@ -234,6 +234,18 @@ class _Run:
             return CopyBatches(conn, extract_line.name, cols)
         return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) VALUES ({marks(conn, 5)})")
 
+    def _extracted_lines(self, phase: str, seen: list[_SeenKeys]) -> Iterator[tuple[int, bytes, list[Any]]]:
+        """Every well-formed line of the extract with its entities' (key, hash, params); malformed ones are counted
+        by the reader and `_extract`, and skipped."""
+        reader = self.reader
+        for line_no, raw in self._lines(reader, phase):
+            fields = reader.parse(line_no, raw)
+            if fields is None:
+                continue
+            extracted = self._extract(line_no, fields, seen)
+            if extracted is not None:
+                yield line_no, raw, extracted
+
     def _extract(self, line_no: int, fields: list[str], seen: list[_SeenKeys] | None) -> list[Any] | None:
         """Each entity's (key, hash, params), a bare key when `seen` skipped it, or None."""
         out: list[Any] = []
@@ -284,14 +296,7 @@ class _Run:
         dropped = [idx for e in self.entities for idx in e.table.indexes]
         for idx in dropped:
             idx.drop(conn)
-        reader = self.reader
-        for line_no, raw in self._lines(reader, "load"):
-            fields = reader.parse(line_no, raw)
-            if fields is None:
-                continue
-            extracted = self._extract(line_no, fields, seen)
-            if extracted is None:
-                continue
+        for _, raw, extracted in self._extracted_lines("load", seen):
             for batch, item in zip(inserts, extracted, strict=True):
                 if item is not None and not isinstance(item, str):
                     batch.add(item[2])
@@ -402,14 +407,7 @@ class _Run:
         stage = self._create_stage(conn)
         snapshot = self._snapshot_writer(conn)
         seen = [_SeenKeys() for _ in self.entities]
-        reader = self.reader
-        for line_no, raw in self._lines(reader, "compare"):
-            fields = reader.parse(line_no, raw)
-            if fields is None:
-                continue
-            extracted = self._extract(line_no, fields, seen)
-            if extracted is None:
-                continue
+        for line_no, raw, extracted in self._extracted_lines("compare", seen):
             for batch, item in zip(stage, extracted, strict=True):
                 if item is not None and not isinstance(item, str):
                     batch.add((item[0], item[1], line_no))
