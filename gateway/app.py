@@ -81,7 +81,7 @@ class Gateway:
         self._servers.append(await start_submission(self.cfg, handler, server_context(self.cfg.tls)))
         if self.cfg.inbound is not None:
             peers = InboundHandler(self.cfg, self.accounts, self._committer, self.worker.enqueue,
-                                   self._in_trust_space)
+                                   self._in_trust_space, self.trust_space.operator_dn)
             self._servers.append(await start_inbound(self.cfg, self.cfg.inbound.listen, peers,
                                                      peer_tls_context(self.cfg.tls)))
         log.info("gateway ready")

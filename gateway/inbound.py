@@ -11,9 +11,12 @@ The connection cap, the idle timeout, the size limit, the enhanced codes on aios
 replies, the bare CR/LF check, the trace field and the spooling are the submission server's
 (gateway/submission.py); this module adds the peer policy.
 
-Known gaps: the certificate's subject DN is not yet matched against the operator DN that the
-trust-space list records for the sender's domain, nor is the certificate's host name tied to that
-domain; revocation of TLS certificates (CRLs) is not checked here.
+Where the trust-space list gives the operator certificate's DN for the sender's domain
+(`DNCertificatOperateur`, mssante.md §1.3), the peer's certificate subject must be that DN (`550 5.7.1`
+otherwise): a certificate of the trust space does not let one operator send for another's domains.
+
+Known gaps: a null sender (DSN, MDN) names no domain, so its peer is checked against the trust anchors
+only; revocation of TLS certificates (CRLs) is not checked here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from cryptography import x509
 
 from config.schema import GatewayConfig, Listener, TLSConfig
 from gateway.accounts import AccountStore
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 
 TrustSpaceCheck = Callable[[str], Awaitable[bool]]
 """Whether a domain is in the trust space (the directory's whitelist)."""
+
+OperatorDnLookup = Callable[[str], str | None]
+"""The operator certificate DN the trust-space list gives for a domain, None when it gives none."""
 
 NULL_SENDER = "<>"
 
@@ -98,16 +105,42 @@ def peer_certificate_host(session: Session) -> str | None:
     return next((name.lower() for name in names if _HOST_NAME.match(name)), None)
 
 
+_SEPARATOR_SPACE = re.compile(r"\s*(?<!\\)([,+])\s*")
+"""White space around an unescaped RDN (`,`) or attribute (`+`) separator."""
+
+
+def _comparable(name: x509.Name) -> list[frozenset[tuple[str, str]]]:
+    """A DN as its RDNs in order, each a set of (attribute type OID, value): values compared case-insensitively
+    with inner white space collapsed (the spirit of RFC 4518's caseIgnoreMatch for DirectoryString)."""
+    return [frozenset((attr.oid.dotted_string, " ".join(str(attr.value).split()).casefold()) for attr in rdn)
+            for rdn in name.rdns]
+
+
+def subject_matches_dn(cert: x509.Certificate, dn: str) -> bool:
+    """Whether the certificate's subject is the DN written in the trust-space list.
+
+    The list writes DNs as strings (`CN=…,OU=…,O=…,ST=…,C=FR`, RFC 4514 order, most specific first); a
+    string in the opposite order (`C=FR,…,CN=…`, as OpenSSL prints) is accepted too, since both name the
+    same sequence of RDNs, and so is white space after the separators (`C=FR, ST=…`), which RFC 4514 does
+    not write but hand-made lists do. A DN that cannot be parsed raises ValueError.
+    """
+    listed = _comparable(x509.Name.from_rfc4514_string(_SEPARATOR_SPACE.sub(r"\1", dn.strip())))
+    subject = _comparable(cert.subject)
+    return subject in (listed, listed[::-1])
+
+
 class InboundHandler:
     """The policy of the port-25 listener, as aiosmtpd handler hooks."""
 
     def __init__(self, cfg: GatewayConfig, accounts: AccountStore, spool: GroupCommitter,
-                 on_queued: Callable[[QueuedMessage], None], is_trust_space_domain: TrustSpaceCheck) -> None:
+                 on_queued: Callable[[QueuedMessage], None], is_trust_space_domain: TrustSpaceCheck,
+                 operator_dn: OperatorDnLookup | None = None) -> None:
         self._cfg = cfg
         self._accounts = accounts
         self._spool = spool
         self._on_queued = on_queued
         self._is_trust_space_domain = is_trust_space_domain
+        self._operator_dn = operator_dn
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -150,9 +183,36 @@ class InboundHandler:
         if not trusted:
             log.info("MAIL FROM refused: %s is outside the trust space", sender.domain)
             return f"550 5.7.1 {sender.domain} is not in the MSSante trust space"
+        refusal = self._operator_refusal(session, sender.domain)
+        if refusal is not None:
+            return refusal
         envelope.mail_from = str(sender)
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    def _operator_refusal(self, session: Session, domain: str) -> str | None:
+        """`550 5.7.1` when the trust-space list gives the operator DN of `domain` and the peer's certificate
+        is not that one (mssante.md §1.3); None when it matches or the list gives no DN."""
+        dn = None if self._operator_dn is None else self._operator_dn(domain)
+        if dn is None:
+            return None
+        obj = _ssl_object(session)
+        der = None if obj is None else obj.getpeercert(binary_form=True)
+        if not der:
+            return "530 5.7.0 A client certificate from the MSSante trust space is required"
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            matches = subject_matches_dn(cert, dn)
+        except ValueError:
+            log.warning("the trust-space list gives %s an operator DN that cannot be parsed: %r", domain, dn)
+            return (f"550 5.7.1 The MSSante trust-space list gives {domain} an operator certificate DN this"
+                    " gateway cannot read; mail for that domain is refused until the list is corrected")
+        if matches:
+            return None
+        log.info("MAIL FROM refused: the peer certificate (sha256 %s, subject %s) is not the operator certificate"
+                 " %s of %s", hashlib.sha256(der).hexdigest(), cert.subject.rfc4514_string(), dn, domain)
+        return (f"550 5.7.1 Your client certificate is not the operator certificate the MSSante trust-space list"
+                f" gives for {domain}")
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from config.schema import DatabaseConfig
 from gateway.accounts import AccountStore
 from gateway.db import create_tables, make_engine
+from gateway.devdirectory import DirectoryMailbox, operator_dn, seed_directory, whitelist_xml
 from gateway.devpki import DevPki, Practitioner, create_dev_pki
 
 DOMAIN = "dev.mssante.test"
@@ -129,11 +130,24 @@ level = "{log_level}"
         c.login(user, password)
         return c
 
-    def smtp(self, user: str = ALICE) -> smtplib.SMTP:
-        c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=15)
+    def smtp(self, user: str = ALICE, *, timeout: float = 15) -> smtplib.SMTP:
+        c = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout)
         c.starttls(context=self._tls())
         c.login(user, self.passwords[user])
         return c
+
+    def peer_smtp(self, cert: Path, key: Path, helo: str, *, timeout: float = 15) -> smtplib.SMTP:
+        """A peer gateway on the inbound port: STARTTLS with `cert` (leaf then chain) as client certificate."""
+        c = smtplib.SMTP("127.0.0.1", self.inbound_port, timeout=timeout, local_hostname=helo)
+        ctx = self._tls()
+        ctx.load_cert_chain(cert, key)
+        c.starttls(context=ctx)
+        return c
+
+    def maildir(self, address: str) -> Path:
+        """Where the embedded Dovecot keeps `address`'s INBOX (mail_dir/<domain>/<local part>/Maildir)."""
+        local, _, domain = address.partition("@")
+        return self.root / "mail" / domain / local / "Maildir"
 
     def imap(self, user: str = BOB) -> imaplib.IMAP4:
         c = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=15)
@@ -154,45 +168,11 @@ level = "{log_level}"
 
 A, B = "a.mssante.test", "b.mssante.test"
 
-MSSANTE_HEADER = ("Type de BAL|Adresse BAL|Type Identifiant PP|Identifiant PP|Identification nationale PP|"
-                  "Type identifiant structure|Identification Structure|Service de rattachement|Civilité d'exercice|"
-                  "Nom d'exercice|Prénom d'exercice|Catégorie profession|Libellé de catégorie profession|"
-                  "Code Profession|Libellé Profession|Code savoir-faire|Libellé savoir-faire|Dématérialisation|"
-                  "Raison Sociale structure BAL|Enseigne commerciale structure BAL|L2COMPLEMENTLOCALISATION|"
-                  "L3COMPLEMENTDISTRIBUTION|L4NUMEROVOIE|L4COMPLEMENTNUMEROVOIE|NL4TYPEVOIE|L4LIBELLEVOIE|"
-                  "L5LIEUDITMENTION|L6LIGNEACHEMINEMENT|Code postal|Département|Pays")
-
-
-def org_row(address: str, siret: str) -> str:
-    """One organisation mailbox line of the ANS directory extract (the `Extraction_Correspondance_MSSante` file)."""
-    fields = ["ORG", address, "", "", "", "3", siret, "Secrétariat", "", "", "", "", "", "", "", "", "", "",
-              "CENTRE TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75", "FRANCE"]
-    assert len(fields) == 31
-    return "|".join(fields)
-
-
-def per_row(address: str, rpps: str, surname: str, given: str) -> str:
-    """One practitioner's personal mailbox line of the same extract (type PER, identified by RPPS)."""
-    fields = ["PER", address, "8", rpps, "8" + rpps, "", "", "", "DR", surname, given, "C", "Civil", "10", "Médecin",
-              "", "", "", "CABINET TEST", "", "", "", "1", "", "R", "DES LILAS", "", "75012 PARIS", "75012", "75",
-              "FRANCE"]
-    assert len(fields) == 31
-    return "|".join(fields)
-
-
-def whitelist(*domains: str) -> str:
-    """The ANS trust-space list (`ListeBlanche`) naming `domains`."""
-    entries = "".join(f"<Domaine><Nom>{d}</Nom><Description>{d}</Description>"
-                      f"<DNCertificatOperateur>CN=gw.{d},O=TEST,C=FR</DNCertificatOperateur></Domaine>"
-                      for d in domains)
-    return (f'<ListeBlanche xmlns="https://listeblanche.mssante.fr/schema">'
-            f"<DateDeGeneration>2026-11-25T03:00:00</DateDeGeneration>{entries}</ListeBlanche>")
-
-
-def run_mssgw(gw: GatewayProcess, *args: str) -> None:
-    result = gw.mssgw(*args)
-    if result.returncode != 0:
-        raise AssertionError(f"mssgw {' '.join(args)} failed: {result.stderr}")
+def whitelist(*domains: str, operators: Mapping[str, str | None] | None = None) -> str:
+    """The ANS trust-space list (`ListeBlanche`) naming `domains`, each with the operator DN `operators` gives
+    (none when absent)."""
+    dns = dict(operators or {})
+    return whitelist_xml({d: dns.get(d) for d in domains} | dns)
 
 
 @dataclass
@@ -225,19 +205,23 @@ def dev_pkis(root: Path) -> tuple[DevPki, DevPki]:
 
 def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[str, str] | None = None,
                  mailboxes: Sequence[tuple[str, Path]] = (), log_level: str = "DEBUG",
-                 spool_workers: int = 4, card_holders: Sequence[Practitioner] = ()) -> TwoGateways:
+                 spool_workers: int = 4, card_holders: Sequence[Practitioner] = (),
+                 operators: Mapping[str, str | None] | None = None) -> TwoGateways:
     """Configure (not start) A and B: both trust both PKIs' roots and CRLs and the trust space {A, B, routed
-    domains}; each signs/decrypts with its organisation key file; A routes B's domain to B's inbound listener
-    (plus `routes`, domain -> "[host]:port"), and its directory gives bob's encryption certificate (plus
-    `mailboxes`: (address, encryption certificate) of other domains). `card_holders`: practitioners of PKI A
-    whose accounts on A sign with their CPS card (`[[smime.cards]]`), published with their RPPS number in B's
-    directory (which checks the signer's RPPS against the From address)."""
+    domains}, A and B with the subject of their gateway certificate as operator DN (`operators` adds domains
+    or replaces the DN given, None for none); each signs/decrypts with its organisation key file; A routes B's
+    domain to B's inbound listener (plus `routes`, domain -> "[host]:port"), and its directory gives bob's
+    encryption certificate (plus `mailboxes`: (address, encryption certificate) of other domains).
+    `card_holders`: practitioners of PKI A whose accounts on A sign with their CPS card (`[[smime.cards]]`),
+    published with their RPPS number in B's directory (which checks the signer's RPPS against the From
+    address). The directories are seeded as `mssgw demo setup` seeds the demo's (gateway.devdirectory)."""
     anchors, crls = root / "anchors.pem", root / "crls.pem"
     anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
     crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
     alice, bob = pki_a.organisation.email, pki_b.organisation.email
     extra_routes = dict(routes or {})
-    (root / "trust.xml").write_text(whitelist(A, B, *extra_routes), encoding="utf-8")
+    dns = {A: operator_dn(pki_a.tls_server_cert), B: operator_dn(pki_b.tls_server_cert), **(operators or {})}
+    (root / "trust.xml").write_text(whitelist(A, B, *extra_routes, operators=dns), encoding="utf-8")
 
     def smime(account: str, pki: DevPki, cards: Sequence[Practitioner] = ()) -> str:
         bindings = ", ".join(f'{{ account = "{p.email}", rpps = "{p.rpps}" }}' for p in cards)
@@ -256,22 +240,18 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
                        accounts={alice: "alice-password-1", **{p.email: CARD_HOLDER_PASSWORD for p in card_holders}},
                        ca=anchors, extra=inbound + smime(alice, pki_a, card_holders) + f"[relay]\nroutes = {{ {table} }}\n",
                        log_level=log_level, spool_workers=spool_workers, inbound_port=a_inbound)
-    for gw in (a, b):
-        run_mssgw(gw, "directory", "migrate")
-        run_mssgw(gw, "directory", "whitelist", str(root / "trust.xml"))
-    entries = [(bob, pki_b.organisation.cert), *mailboxes]
-    extract = root / "Extraction_Correspondance_MSSante_202611250300.txt"
-    extract.write_text("\n".join([MSSANTE_HEADER, *(org_row(address, f"3000000000{n:04d}")
-                                                    for n, (address, _) in enumerate(entries, start=2))]) + "\n",
-                       encoding="utf-8")
-    run_mssgw(a, "directory", "import", str(extract))
-    # A certificate belongs to one mailbox in the directory.
-    for address, cert in entries:
-        run_mssgw(a, "directory", "add-cert", "--address", address, "--usage", "encryption", str(cert))
-    back = root / "Extraction_Correspondance_MSSante_202611250301.txt"  # B's directory knows alice (for MDNs)
-    back.write_text("\n".join([MSSANTE_HEADER, org_row(alice, "30000000000001"),
-                               *(per_row(p.email, p.rpps, p.surname, p.given_name) for p in card_holders)]) + "\n",
-                    encoding="utf-8")
-    run_mssgw(b, "directory", "import", str(back))
-    run_mssgw(b, "directory", "add-cert", "--address", alice, "--usage", "encryption", str(pki_a.organisation.cert))
+    seed(a, root / "trust.xml", [DirectoryMailbox(bob, pki_b.organisation.cert),
+                                 *(DirectoryMailbox(address, cert) for address, cert in mailboxes)])
+    # B's directory knows alice (for MDNs) and the card holders with their RPPS numbers.
+    seed(b, root / "trust.xml", [DirectoryMailbox(alice, pki_a.organisation.cert),
+                                 *(DirectoryMailbox(p.email, p.auth_cert, p.rpps, p.surname, p.given_name)
+                                   for p in card_holders)])
     return TwoGateways(root, pki_a, pki_b, a, b, alice, bob)
+
+
+def seed(gw: GatewayProcess, trust_list: Path, mailboxes: Sequence[DirectoryMailbox]) -> None:
+    engine = make_engine(DatabaseConfig(url=gw.database_url))
+    try:
+        seed_directory(engine, trust_list, mailboxes)
+    finally:
+        engine.dispose()
