@@ -17,14 +17,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from smime.errors import MalformedCms
+from smime.limits import DEFAULT_LIMITS, ParseLimits, check_ber
 
 CONTENT_TYPES = ("signed_data", "enveloped_data", "authenticated_enveloped_data")
 
 
-def load_content_info(der: bytes) -> cms.ContentInfo:
-    """A fully parsed ContentInfo (RFC 5652 §3); BER and indefinite lengths accepted (§2)."""
+def load_content_info(der: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> cms.ContentInfo:
+    """A fully parsed ContentInfo (RFC 5652 §3); BER and indefinite lengths accepted (§2).
+
+    Its size, nesting and number of elements are checked against `limits` first (`LimitExceeded`).
+    """
     if not der:
         raise MalformedCms("empty input")
+    check_ber(der, limits)
     try:
         info = cms.ContentInfo.load(der, strict=False)
         kind = info["content_type"].native

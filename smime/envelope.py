@@ -45,6 +45,7 @@ from smime.errors import (
     UnsupportedAlgorithm,
 )
 from smime.keys import Decrypter, HashName, KeyTransportPadding, OaepHashName
+from smime.limits import DEFAULT_LIMITS, ParseLimits, check_ber
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,13 @@ def encrypt_content(content: bytes, recipients: Sequence[x509.Certificate], *,
     return b"".join(der.wrap(der.SEQUENCE, [der.oid(kind), *der.wrap(0xA0, body)]))
 
 
-async def decrypt_content(der: bytes, decrypter: Decrypter) -> Decrypted:
-    """Decrypt an EnvelopedData or AuthEnvelopedData (BER accepted) with our key (RFC 5652 §6.2.1)."""
+async def decrypt_content(der: bytes, decrypter: Decrypter, *, limits: ParseLimits = DEFAULT_LIMITS) -> Decrypted:
+    """Decrypt an EnvelopedData or AuthEnvelopedData (BER accepted) with our key (RFC 5652 §6.2.1).
+
+    The whole structure, ciphertext included, is held to `limits` (`LimitExceeded`) before it is parsed.
+    """
     with parse_errors_as_malformed("EnvelopedData"):
-        return await _decrypt_content(der, decrypter)
+        return await _decrypt_content(der, decrypter, limits)
 
 
 def _hollow(data: bytes) -> tuple[bytes, memoryview] | None:
@@ -177,9 +181,12 @@ def _hollow(data: bytes) -> tuple[bytes, memoryview] | None:
     return skeleton, ciphertext
 
 
-async def _decrypt_content(der_bytes: bytes, decrypter: Decrypter) -> Decrypted:
+async def _decrypt_content(der_bytes: bytes, decrypter: Decrypter, limits: ParseLimits) -> Decrypted:
+    if not der_bytes:
+        raise MalformedCms("empty input")
+    check_ber(der_bytes, limits)
     hollowed = _hollow(der_bytes)
-    info = load_content_info(hollowed[0] if hollowed else der_bytes)
+    info = load_content_info(hollowed[0] if hollowed else der_bytes, limits)
     kind = info["content_type"].native
     if kind == "enveloped_data":
         eci = info["content"]["encrypted_content_info"]

@@ -44,6 +44,16 @@ class NestingTooDeep(SmimeError):
         super().__init__(f"S/MIME layers nested {depth} deep, the limit is {limit}")
 
 
+class LimitExceeded(SmimeError):
+    """The input is bigger or more deeply structured than this gateway parses (smime.limits.ParseLimits)."""
+
+    def __init__(self, what: str, found: int, limit: int) -> None:
+        self.what = what
+        self.found = found
+        self.limit = limit
+        super().__init__(f"{what}: {found} exceeds the limit of {limit}")
+
+
 class UnsupportedAlgorithm(SmimeError):
     """An algorithm we do not implement, or refuse to use."""
 

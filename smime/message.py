@@ -34,8 +34,10 @@ from smime.keys import (
     SignaturePadding,
     Signer,
 )
+from smime.limits import DEFAULT_LIMITS, ParseLimits
 from smime.mime import (
     build_pkcs7_mime,
+    check_structure,
     content_type,
     decode_body,
     field_name,
@@ -98,7 +100,8 @@ async def sign_and_encrypt(message: bytes, signer: Signer, recipients: Sequence[
                            hash_name: HashName = "sha256", padding: SignaturePadding = "pkcs1v15",
                            detached: bool = True, chain: Sequence[x509.Certificate] = (),
                            cipher: ContentCipher = "aes256-cbc", key_transport: KeyTransportPadding = "pkcs1v15",
-                           oaep_hash: HashName = "sha256", signing_time: datetime.datetime | None = None) -> bytes:
+                           oaep_hash: HashName = "sha256", signing_time: datetime.datetime | None = None,
+                           limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     """Sign, then encrypt to every recipient and to the sender (DESIGN.md flow 1, the Direct AS order).
 
     `sender_encryption_certificate` is the sender's own encryption certificate (a CPS card's
@@ -108,7 +111,7 @@ async def sign_and_encrypt(message: bytes, signer: Signer, recipients: Sequence[
     outer, entity = split_message(message)
     signed = await sign_entity(entity, signer, hash_name=hash_name, padding=padding, detached=detached,
                                chain=chain, signing_time=signing_time,
-                               encryption_certificate=sender_encryption_certificate)
+                               encryption_certificate=sender_encryption_certificate, limits=limits)
     to = list(recipients)
     if sender_encryption_certificate is not None and sender_encryption_certificate not in to:
         to.append(sender_encryption_certificate)
@@ -158,7 +161,7 @@ def sender_address(outer: Sequence[bytes]) -> str | None:
     return None
 
 
-def smime_kind(entity: bytes) -> str | None:
+def smime_kind(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> str | None:
     """`signed`, `opaque-signed`, `enveloped` or None for a plain entity; decided by headers, then by the CMS."""
     block, body = split_header_body(entity)
     ctype = content_type(block)
@@ -175,7 +178,7 @@ def smime_kind(entity: bytes) -> str | None:
         return "enveloped"
     if smime_type == "certs-only":
         return None
-    kind = load_content_info(decode_body(block, body))["content_type"].native
+    kind = load_content_info(decode_body(block, body), limits)["content_type"].native
     return "opaque-signed" if kind == "signed_data" else "enveloped"
 
 
@@ -195,41 +198,45 @@ async def _check_sender(report: VerificationReport, check: IdentityCheck | Async
 async def open_message(message: bytes, *, decrypter: Decrypter | None, trust: TrustStore,
                        at: datetime.datetime | None = None, policy: ValidationPolicy = DEFAULT_POLICY,
                        identity_check: IdentityCheck | AsyncIdentityCheck | None = match_from_address,
-                       max_depth: int = MAX_DEPTH) -> OpenedMessage:
+                       max_depth: int = MAX_DEPTH, limits: ParseLimits = DEFAULT_LIMITS) -> OpenedMessage:
     """Decrypt and verify every layer of a received message; signature verdicts are in the reports.
 
     Raises only on what prevents reading: malformed structure, no key for us, failed decryption,
-    nesting deeper than `max_depth`. A failed signature is a report, never an exception.
+    nesting deeper than `max_depth`, a MIME tree or CMS structure past `limits` (`LimitExceeded`, checked
+    on every layer before it is parsed). A failed signature is a report, never an exception.
     `identity_check` may be a coroutine function: the gateway's RPPS lookup awaits the directory.
     """
     outer, entity = split_message(message)
     sender = sender_address(outer)
     layers: list[Layer] = []
-    while (kind := smime_kind(entity)) is not None:
+    check_structure(entity, limits)
+    while (kind := smime_kind(entity, limits)) is not None:
         if len(layers) >= max_depth:
             raise NestingTooDeep(len(layers) + 1, max_depth)
         block, body = split_header_body(entity)
         if kind == "signed":
             parts = split_multipart_signed(entity)
             report = await _cpu(len(entity), verify_signed_data, parts.signature, parts.content, trust=trust, at=at,
-                                policy=policy, micalg=parts.micalg, sender=sender, identity_check=None)
+                                policy=policy, micalg=parts.micalg, sender=sender, identity_check=None,
+                                limits=limits)
             report = await _check_sender(report, identity_check, sender)
             layers.append(Layer("signed", "multipart/signed", report=report))
             entity = report.content
         elif kind == "opaque-signed":
             report = await _cpu(len(entity), verify_signed_data, decode_body(block, body), None, trust=trust, at=at,
-                                policy=policy, sender=sender, identity_check=None)
+                                policy=policy, sender=sender, identity_check=None, limits=limits)
             report = await _check_sender(report, identity_check, sender)
             layers.append(Layer("signed", "application/pkcs7-mime signed-data", report=report))
             entity = report.content
         else:
             if decrypter is None:
                 raise DecryptionFailed("the message is encrypted and no decryption key was given")
-            decrypted = await decrypt_content(decode_body(block, body), decrypter)
+            decrypted = await decrypt_content(decode_body(block, body), decrypter, limits=limits)
             layers.append(Layer("encrypted", f"{decrypted.structure} {decrypted.cipher} {decrypted.key_transport}",
                                 decrypted=decrypted))
             entity = to_crlf(decrypted.content)
         if not entity.strip():
             raise MalformedMessage(f"the {layers[-1].kind} layer holds no MIME entity")
+        check_structure(entity, limits)
     log.debug("opened %d S/MIME layers: %s", len(layers), ", ".join(layer.detail for layer in layers) or "none")
     return OpenedMessage(tuple(outer), entity, tuple(layers), sender)

@@ -20,7 +20,8 @@ import secrets
 from dataclasses import dataclass
 from email.generator import BytesGenerator
 
-from smime.errors import MalformedMessage
+from smime.errors import LimitExceeded, MalformedMessage
+from smime.limits import DEFAULT_LIMITS, ParseLimits
 
 CRLF = b"\r\n"
 MAX_LINE = 998  # RFC 5322 §2.1.1
@@ -98,8 +99,69 @@ def content_type(block: bytes) -> ContentType:
     msg["Content-Type"] = value
     params: dict[str, str] = {}
     for key, val in msg.get_params(failobj=[])[1:]:
-        params[key.lower()] = email.utils.collapse_rfc2231_value(val)
+        params[key.lower()] = _param_value(val)
     return ContentType(msg.get_content_type(), params)
+
+
+def _param_value(value: str | tuple[str, str, str]) -> str:
+    """An RFC 2231 parameter value decoded with its charset; one naming a codec that cannot decode
+    leniently (`idna`, say) is kept as sent, never an exception."""
+    try:
+        return email.utils.collapse_rfc2231_value(value)
+    except (UnicodeError, LookupError):
+        return email.utils.unquote(value[2] if isinstance(value, tuple) else value)
+
+
+# Where the email package's feed parser ends a header block: at the first line that is neither a field
+# ("name:") nor a continuation (email.feedparser.headerRE); an empty line there is consumed with it.
+_NOT_A_HEADER_LINE = re.compile(rb"(?m)^(?![\x21-\x39\x3b-\x7e]*:|[ \t])")
+
+
+def check_structure(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> None:
+    """Raise `LimitExceeded` when a MIME tree nests deeper or holds more entities than `limits` allow.
+
+    Multipart bodies are cut at their delimiters (RFC 2046 §5.1.1), message/* bodies entered (§5.2.1),
+    parts of a multipart/digest without a Content-Type taken as message/rfc822 (§5.1.5), the way the
+    email package reads them; by offsets into one CRLF copy: no recursion, nothing decoded. The email
+    package recurses once per level and builds an object per part, so this runs before it does.
+    """
+    data = to_crlf(entity)
+    stack = [(0, len(data), 1, False)]
+    parts = 0
+    while stack:
+        start, end, depth, in_digest = stack.pop()
+        parts += 1
+        if parts > limits.max_mime_parts:
+            raise LimitExceeded("MIME parts in one message", parts, limits.max_mime_parts)
+        if depth > limits.max_mime_depth:
+            raise LimitExceeded("MIME nesting depth", depth, limits.max_mime_depth)
+        m = _NOT_A_HEADER_LINE.search(data, start, end)
+        head_end = m.start() if m else end
+        body = head_end + 2 if data.startswith(CRLF, head_end, end) else head_end
+        block = data[start:head_end]
+        if in_digest and get_header(block, "content-type") is None:
+            mime_type, boundary = "message/rfc822", None
+        else:
+            ctype = content_type(block)
+            mime_type, boundary = ctype.mime_type, ctype.param("boundary")
+        if mime_type.startswith("message/"):
+            stack.append((body, end, depth + 1, False))
+            continue
+        if not mime_type.startswith("multipart/") or not boundary:
+            continue
+        digest = mime_type == "multipart/digest"
+        delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*(?:\r\n|\Z)")
+        previous: int | None = None
+        for mark in delim.finditer(data, body, end):
+            if previous is not None:
+                stop = mark.start() - 2 if data.startswith(CRLF, mark.start() - 2) else mark.start()
+                stack.append((previous, max(previous, stop), depth + 1, digest))
+            if mark.group(1):
+                previous = None
+                break
+            previous = mark.end()
+        if previous is not None:  # no closing delimiter: the last part runs to the end (as the email package reads it)
+            stack.append((previous, end, depth + 1, digest))
 
 
 def split_message(message: bytes) -> tuple[list[bytes], bytes]:
@@ -148,15 +210,17 @@ def _needs_reencoding(entity: bytes) -> bool:
     return any(len(line) > MAX_LINE + 2 for line in io.BytesIO(entity))  # one line at a time, CRLF included
 
 
-def canonicalize(entity: bytes) -> bytes:
+def canonicalize(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     """The canonical, 7-bit form of a MIME entity, ready to be signed (RFC 8551 §3.1.1, §3.1.3).
 
     CRLF line endings; leaves that are 8-bit, over-long, or carry trailing white space or "From " lines
     re-encoded (text as quoted-printable, the rest as base64) so that no later hop needs to touch the
-    signed bytes. Any other entity only gets CRLF.
+    signed bytes. Any other entity only gets CRLF. An entity past `limits` raises `LimitExceeded`
+    before the email package parses it.
     """
     if not _needs_reencoding(entity):
         return to_crlf(entity)
+    check_structure(entity, limits)
     policy = email.policy.compat32.clone(linesep="\r\n")
     msg = email.message_from_bytes(entity, policy=policy)
     for part in msg.walk():

@@ -20,6 +20,7 @@ from smime import der
 from smime.algorithms import MICALG, hash_algorithm, pss_parameters
 from smime.cms import issuer_and_serial_der
 from smime.keys import HashName, SignaturePadding, Signer
+from smime.limits import DEFAULT_LIMITS, ParseLimits
 from smime.mime import (
     build_multipart_signed,
     build_pkcs7_mime,
@@ -123,12 +124,13 @@ async def sign_entity(entity: bytes, signer: Signer, *, hash_name: HashName = "s
                       padding: SignaturePadding = "pkcs1v15", detached: bool = True,
                       chain: Sequence[x509.Certificate] = (),
                       signing_time: datetime.datetime | None = None,
-                      encryption_certificate: x509.Certificate | None = None) -> bytes:
+                      encryption_certificate: x509.Certificate | None = None,
+                      limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     """Sign a MIME entity: multipart/signed (detached, RFC 8551 §3.5.3) or pkcs7-mime signed-data (§3.5.2).
 
-    The entity is made canonical first (smime.mime.canonicalize); the returned entity is 7-bit.
+    The entity is made canonical first (smime.mime.canonicalize, held to `limits`); the returned entity is 7-bit.
     """
-    content = canonicalize(entity)
+    content = canonicalize(entity, limits)
     der = await build_signed_data(content, signer, hash_name=hash_name, padding=padding, detached=detached,
                                   chain=chain, signing_time=signing_time,
                                   encryption_certificate=encryption_certificate)
@@ -142,10 +144,11 @@ async def sign_message(message: bytes, signer: Signer, *, hash_name: HashName = 
                        padding: SignaturePadding = "pkcs1v15", detached: bool = True,
                        chain: Sequence[x509.Certificate] = (),
                        signing_time: datetime.datetime | None = None,
-                       encryption_certificate: x509.Certificate | None = None) -> bytes:
+                       encryption_certificate: x509.Certificate | None = None,
+                       limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     """Sign an RFC 5322 message: its MIME entity is signed, From/To/Subject stay outside."""
     outer, entity = split_message(message)
     signed = await sign_entity(entity, signer, hash_name=hash_name, padding=padding, detached=detached,
                                chain=chain, signing_time=signing_time,
-                               encryption_certificate=encryption_certificate)
+                               encryption_certificate=encryption_certificate, limits=limits)
     return join_message(outer, signed)

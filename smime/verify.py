@@ -52,6 +52,7 @@ from smime.errors import (
     WeakAlgorithm,
     WeakKey,
 )
+from smime.limits import DEFAULT_LIMITS, ParseLimits
 from smime.mime import to_crlf
 from smime.report import Check, SignerIdentity, VerificationReport
 
@@ -124,21 +125,23 @@ def _run(name: str, checks: list[Check], step: Callable[[], str]) -> bool:
 def verify_signed_data(der: bytes, content: bytes | None = None, *, trust: TrustStore,
                        at: datetime.datetime | None = None, policy: ValidationPolicy = DEFAULT_POLICY,
                        micalg: str | None = None, sender: str | None = None,
-                       identity_check: IdentityCheck | None = match_from_address) -> VerificationReport:
+                       identity_check: IdentityCheck | None = match_from_address,
+                       limits: ParseLimits = DEFAULT_LIMITS) -> VerificationReport:
     """Verify a SignedData over `content` (detached) or over its own content (opaque, `content=None`).
 
     `micalg` is the multipart/signed parameter, checked against the digest (RFC 8551 §3.5.3.2).
     `identity_check=None` leaves the sender check to the caller (the gateway matches RPPS numbers).
+    A structure past `limits` raises `LimitExceeded` before it is parsed.
     """
     with parse_errors_as_malformed("SignedData"):
         return _verify(der, content, trust=trust, at=at, policy=policy, micalg=micalg, sender=sender,
-                       identity_check=identity_check)
+                       identity_check=identity_check, limits=limits)
 
 
 def _verify(der: bytes, content: bytes | None, *, trust: TrustStore, at: datetime.datetime | None,
             policy: ValidationPolicy, micalg: str | None, sender: str | None,
-            identity_check: IdentityCheck | None) -> VerificationReport:
-    info = load_content_info(der)
+            identity_check: IdentityCheck | None, limits: ParseLimits) -> VerificationReport:
+    info = load_content_info(der, limits)
     if info["content_type"].native != "signed_data":
         raise MalformedCms(f"expected SignedData, got {info['content_type'].native}")
     signed: cms.SignedData = info["content"]

@@ -1,0 +1,162 @@
+"""Resource limits on parsing (smime.limits): each one hit is a LimitExceeded, checked before any parser runs."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from smime import der
+from smime.cms import load_content_info
+from smime.envelope import decrypt_content, encrypt_content
+from smime.errors import LimitExceeded, SmimeError
+from smime.limits import DEFAULT_LIMITS, ParseLimits, check_ber
+from smime.message import open_message, sign_and_encrypt
+from smime.mime import canonicalize, check_structure, content_type
+from smime.signing import sign_message
+from smime.verify import verify_signed_data
+
+LEAF = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n"
+
+
+def nested_multipart(levels: int, leaf: bytes = LEAF) -> bytes:
+    entity = leaf
+    for i in range(levels):
+        b = b"n%d" % i
+        entity = (b"Content-Type: multipart/mixed; boundary=" + b + b"\r\n\r\n--" + b + b"\r\n" + entity
+                  + b"\r\n--" + b + b"--\r\n")
+    return entity
+
+
+def many_parts(count: int) -> bytes:
+    return (b"Content-Type: multipart/mixed; boundary=B\r\n\r\n" + b"--B\r\n" + b"--B\r\n".join([LEAF] * count)
+            + b"--B--\r\n")
+
+
+def message(entity: bytes) -> bytes:
+    return b"From: jeanne.exemple@dev.mssante.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n" + entity
+
+
+def email_depth_and_parts(entity: bytes) -> tuple[int, int]:
+    """What the email package makes of an entity: deepest level and number of parts (top = level 1)."""
+    msg = email.message_from_bytes(entity, policy=email.policy.compat32)
+    deepest, parts, todo = 0, 0, [(msg, 1)]
+    while todo:
+        part, depth = todo.pop()
+        parts += 1
+        deepest = max(deepest, depth)
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            todo.extend((p, depth + 1) for p in payload)
+    return deepest, parts
+
+
+def test_limit_error_is_an_smime_error_that_names_the_limit():
+    with pytest.raises(LimitExceeded) as caught:
+        check_structure(nested_multipart(3), ParseLimits(max_mime_depth=2))
+    assert isinstance(caught.value, SmimeError)
+    assert caught.value.what == "MIME nesting depth" and caught.value.limit == 2
+    assert "limit of 2" in str(caught.value)
+
+
+async def test_mime_depth_refused_on_receipt(trust):
+    deep = message(nested_multipart(DEFAULT_LIMITS.max_mime_depth + 5))
+    with pytest.raises(LimitExceeded, match="MIME nesting depth"):
+        await open_message(deep, decrypter=None, trust=trust)
+    opened = await open_message(deep, decrypter=None, trust=trust, limits=ParseLimits(max_mime_depth=100))
+    assert opened.layers == ()
+
+
+async def test_mime_depth_refused_before_the_email_package_recurses(jeanne_sign):
+    """300 levels made the email package raise RecursionError inside canonicalize (the signing path)."""
+    with pytest.raises(LimitExceeded, match="MIME nesting depth"):
+        await sign_message(message(nested_multipart(300)), jeanne_sign)
+    with pytest.raises(LimitExceeded):
+        canonicalize(nested_multipart(300))
+
+
+async def test_mime_part_count(trust, jeanne_sign):
+    with pytest.raises(LimitExceeded, match="MIME parts"):
+        await open_message(message(many_parts(101)), decrypter=None, trust=trust,
+                           limits=ParseLimits(max_mime_parts=100))
+    await open_message(message(many_parts(99)), decrypter=None, trust=trust, limits=ParseLimits(max_mime_parts=100))
+    with pytest.raises(LimitExceeded, match="MIME parts"):
+        await sign_message(message(many_parts(50)), jeanne_sign, limits=ParseLimits(max_mime_parts=10))
+
+
+@pytest.mark.parametrize("entity", [
+    nested_multipart(6),
+    many_parts(7),
+    # no closing delimiters: the last part of each level runs to the end
+    nested_multipart(5).replace(b"--\r\n", b"\r\n"),
+    # message/rfc822 bodies are entered, and the parts of a multipart/digest default to message/rfc822
+    b"Content-Type: message/rfc822\r\n\r\n" + b"Subject: x\r\n" + nested_multipart(3),
+    b"Content-Type: multipart/digest; boundary=D\r\n\r\n--D\r\n\r\n" + nested_multipart(2) + b"\r\n--D--\r\n",
+    # a line that is not a header field ends the header block, as in the email package
+    b"Content-Type: multipart/mixed; boundary=Q\r\nnot a header\r\n--Q\r\n" + nested_multipart(2) + b"\r\n--Q--\r\n",
+])
+def test_mime_scan_sees_what_the_email_package_sees(entity):
+    depth, parts = email_depth_and_parts(entity)
+    check_structure(entity, ParseLimits(max_mime_depth=depth, max_mime_parts=parts))
+    with pytest.raises(LimitExceeded):
+        check_structure(entity, ParseLimits(max_mime_depth=depth - 1))
+    with pytest.raises(LimitExceeded):
+        check_structure(entity, ParseLimits(max_mime_parts=parts - 1))
+
+
+def test_rfc2231_parameter_in_a_codec_that_cannot_be_lenient():
+    """Found fuzzing the MIME parser: `name*=idna''...` made collapse_rfc2231_value raise UnicodeError."""
+    ctype = content_type(b"Content-Type: application/pkcs7-mime; name*=idna''%ff.p7m\r\n")
+    assert ctype.mime_type == "application/pkcs7-mime"
+    assert (ctype.param("name") or "").endswith(".p7m")
+
+
+def _deep_definite(levels: int) -> bytes:
+    inner = b"\x05\x00"
+    for _ in range(levels):
+        inner = der.sequence(inner)
+    return der.sequence(der.oid(der.SIGNED_DATA), der.tlv(0xA0, inner))
+
+
+@pytest.mark.parametrize("ber", [
+    _deep_definite(5000),  # asn1crypto's `.native` recursed on this: RecursionError
+    b"\x30\x80" + der.oid(der.SIGNED_DATA) + b"\xa0\x80" + b"\x30\x80" * 5000 + b"\x00\x00" * 5002,
+    b"\x30\x80" * 100_000,  # never closed
+])
+async def test_asn1_depth(ber, trust, paul_auth):
+    with pytest.raises(LimitExceeded, match="ASN.1 nesting depth"):
+        load_content_info(ber)
+    with pytest.raises(LimitExceeded):
+        verify_signed_data(ber, None, trust=trust, identity_check=None)
+    with pytest.raises(LimitExceeded):
+        await decrypt_content(ber, paul_auth)
+
+
+def test_asn1_depth_of_real_messages_is_far_below_the_limit(paul_auth, jeanne_sign):
+    sealed = encrypt_content(b"x" * 100, [paul_auth.certificate])
+    check_ber(sealed, ParseLimits(max_asn1_depth=16))
+    with pytest.raises(LimitExceeded):
+        check_ber(sealed, ParseLimits(max_asn1_depth=3))
+
+
+async def test_asn1_element_count_bounds_chunked_ber(paul_auth):
+    """BER lets an OCTET STRING come in one-byte chunks (X.690 §8.7.3): each would be an object once parsed."""
+    chunks = b"\x04\x01x" * 50_000
+    ber = (b"\x30\x80" + der.oid(der.ENVELOPED_DATA) + b"\xa0\x80\x30\x80\x02\x01\x00\x31\x00"
+           + b"\x30\x80" + der.oid(der.DATA) + der.sequence(der.oid("2.16.840.1.101.3.4.1.2"), der.octet_string(b"i" * 16))
+           + b"\xa0\x80" + chunks + b"\x00\x00" * 5)
+    with pytest.raises(LimitExceeded, match="ASN.1 elements"):
+        await decrypt_content(ber, paul_auth, limits=ParseLimits(max_asn1_elements=10_000))
+    with pytest.raises(SmimeError) as caught:
+        await decrypt_content(ber, paul_auth)
+    assert not isinstance(caught.value, LimitExceeded)  # under the default limit: parsed, then refused as not ours
+
+
+async def test_cms_size(jeanne_sign, paul_auth, trust):
+    msg = message(b"Content-Type: text/plain\r\n\r\n" + b"bonjour\r\n" * 2000)
+    sealed = await sign_and_encrypt(msg, jeanne_sign, [paul_auth.certificate])
+    with pytest.raises(LimitExceeded, match="CMS structure size"):
+        await open_message(sealed, decrypter=paul_auth, trust=trust, limits=ParseLimits(max_cms_bytes=10_000))
+    opened = await open_message(sealed, decrypter=paul_auth, trust=trust)
+    assert opened.reports[0].valid
