@@ -114,12 +114,23 @@ class SmimeConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    """What one SMTP client may cost (each key is explained in config/gateway.example.toml)."""
+
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     max_connections: int = 200
     idle_timeout: float = 300.0
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
+    max_errors: int = 20
+    greeting_delay: float = 0.0
+    data_timeout: float = 300.0
+    max_data_duration: float = 1800.0
+    max_buffered_data: int = 512 * 1024 * 1024
+    auth_address_failures: int = 10
+    auth_address_lockout: float = 900.0
+    auth_account_failures: int = 10
+    auth_account_lockout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ codes on aiosmtpd's stock replies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.parser
 import email.policy
 import email.utils
@@ -22,11 +23,12 @@ import re
 import secrets
 import ssl
 import unicodedata
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from config.schema import GatewayConfig
 from directory_sync.errors import DirectoryError
@@ -34,6 +36,7 @@ from directory_sync.lookup import DirectoryLookup
 from directory_sync.whitelist import TrustSpace
 from gateway.accounts import AccountStore
 from gateway.addresses import AddressError, Mailbox, parse_mailbox
+from gateway.auth_throttle import AuthThrottle
 from gateway.logsetup import conn_id, queue_id
 from gateway.spool import GroupCommitter, Incoming, QueuedMessage, new_queue_id
 
@@ -69,6 +72,15 @@ _STOCK_REPLIES = {
     "250 OK": "250 2.0.0 OK",
     "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
     "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII characters in a command are not accepted (no SMTPUTF8)",
+    "501 Error: SMTPUTF8 disabled": "555 5.5.4 SMTPUTF8 is not offered by this server (RFC 6531)",
+    "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
+    "555 MAIL FROM parameters not recognized or not implemented": "555 5.5.4 MAIL FROM parameter not supported",
+    "555 RCPT TO parameters not recognized or not implemented": "555 5.5.4 RCPT TO parameter not supported",
+    "503 Error: send HELO first": "503 5.5.1 Send HELO or EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "501 Syntax: DATA": "501 5.5.4 Syntax: DATA (no argument)",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS (no argument)",
 }
 # Calls of one command on one connection before `421 4.7.0` (a client looping on NOOP or VRFY).
 # Practice software sends batches over one connection, so the mail commands get room.
@@ -78,11 +90,48 @@ _UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$')
 
 
 class ConnectionLimiter:
-    """A cap on simultaneous client connections (each costs memory: aiosmtpd buffers DATA)."""
+    """What the connections of one listener share: the cap on simultaneous connections, and the count of
+    message bytes they hold in memory while DATA is read (capped by `limits.max_buffered_data`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.buffered = 0
+
+
+class CommandLineError(Exception):
+    """A command line this gateway refuses before parsing it; `reply` is what the client gets."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+_BARE_LINE_END = ("500 5.5.2 Syntax error: a command line ends with CRLF and holds no other CR or LF"
+                  " (RFC 5321 section 2.3.8)")
+
+
+class _StrictLineReader(asyncio.StreamReader):
+    """aiosmtpd reads each command up to LF (`readuntil()`, and `readline()` for AUTH answers); this reader
+    refuses a line that ends in a bare LF or holds a CR elsewhere, so that no bare CR or LF is ever taken
+    for a line end (RFC 5321 §2.3.8). DATA is read up to CRLF and its bare CR and LF are the handlers' to judge."""
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+            raise CommandLineError(_BARE_LINE_END)
+        return line
+
+    def pending(self) -> int:
+        """Bytes received and not read yet (what a client sent ahead of our reply)."""
+        return len(self._buffer)  # type: ignore[attr-defined]
+
+    def discard(self) -> int:
+        """Drop what was received and not read; the count of bytes dropped."""
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
+        count = len(buffer)
+        buffer.clear()
+        return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,10 +333,24 @@ def session_error_reply(error: Exception) -> str:
 
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with what every listener of the gateway has: STARTTLS required (RFC 3207), the
-    connection cap, the idle timeout, the size limit and RFC 3463 enhanced codes on the stock replies."""
+    connection cap, the idle timeout, the size limit and RFC 3463 enhanced codes on the stock replies, and
+    the defences against hostile clients (docs/SECURITY.md):
+
+    - a client that talks before the greeting (RFC 5321 §4.3.1) gets `554 5.5.0` and is disconnected;
+    - a command line with a bare CR or LF is refused (`500 5.5.2`), overlong ones too (aiosmtpd, `500 5.5.2`);
+    - commands pipelined after STARTTLS (RFC 3207 §4.2, the CVE-2011-0411 injection) are refused with the
+      STARTTLS, and any plaintext that arrives while TLS starts is discarded;
+    - after `limits.max_errors` error replies, `421 4.7.0` and the connection is closed;
+    - DATA is read with bounded memory: past the size limit, a too-long line or the listener's memory budget,
+      the rest is read and dropped, never kept, then `552 5.3.4`, `500 5.5.2` or `452 4.3.1`;
+    - waiting for a command (`limits.idle_timeout`), for the next DATA line (`limits.data_timeout`) and for a
+      whole DATA (`limits.max_data_duration`) are bounded; when one runs out the client gets `421 4.4.2`.
+    """
 
     def __init__(self, handler: object, limiter: ConnectionLimiter, cfg: GatewayConfig,
                  tls_context: ssl.SSLContext, **options: Any) -> None:
+        # aiosmtpd keeps these limits in a class-level dict that every EHLO raises; each connection gets its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(
             handler,
             hostname=cfg.hostname,
@@ -299,10 +362,17 @@ class GatewaySMTP(SMTP):
             command_call_limit=_COMMAND_CALL_LIMITS,
             **options,
         )
+        reader = _StrictLineReader(limit=self.line_length_limit, loop=self.loop)
+        self._stream_reader_wr = weakref.ref(reader)  # asyncio's StreamReaderProtocol reads into this one
+        self._strong_reader = reader
+        self._line_reader = reader
         self._limiter = limiter
+        self._limits = cfg.limits
         self._max_message_size = cfg.limits.max_message_size
         self._counted = False
         self._refused = False
+        self._closing = False
+        self._errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # the first call; a second one follows STARTTLS
@@ -315,6 +385,8 @@ class GatewaySMTP(SMTP):
             self._limiter.active += 1
             self._counted = True
             conn_id.set(secrets.token_hex(4))
+        elif self._line_reader.pending():
+            log.warning("plaintext sent during the TLS handshake discarded (RFC 3207 section 4.2)")
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -325,10 +397,45 @@ class GatewaySMTP(SMTP):
             self._counted = False
         super().connection_lost(error)
 
+    async def _handle_client(self) -> None:
+        """The greeting, unless the client spoke first (RFC 5321 §3.1: it waits for the greeting)."""
+        if self._limits.greeting_delay > 0:
+            await asyncio.sleep(self._limits.greeting_delay)
+        if self._line_reader.pending():
+            log.warning("client sent commands before the greeting: disconnected")
+            await self._close_with("554 5.5.0 Protocol error: commands sent before the greeting (RFC 5321 section 3.1)")
+            return
+        await super()._handle_client()
+
     async def push(self, status: Any) -> None:
+        if self._closing:
+            return
         if isinstance(status, str):
             status = ascii_reply(self._enhance(status))
+            if status[:1] in ("4", "5") and not status.startswith("421"):
+                self._errors += 1
         await super().push(status)
+        if self._errors >= self._limits.max_errors:
+            log.warning("%d error replies on this connection: closing it", self._errors)
+            await self._close_with("421 4.7.0 Too many errors on this connection, closing it")
+
+    async def _close_with(self, reply: str) -> None:
+        """Send a last reply and close; nothing the client sent after it is read or answered."""
+        if self._closing:
+            return
+        await super().push(reply)
+        self._closing = True
+        self._line_reader.discard()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        log.info("client timeout: closing the connection")
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(b"421 4.4.2 Timeout waiting for the client, closing the connection\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _enhance(self, status: str) -> str:
         if status in _TOO_BIG:
@@ -338,22 +445,117 @@ class GatewaySMTP(SMTP):
             return f"500 5.5.1 Command not recognised: {m.group(1)[:40]}"
         return _STOCK_REPLIES.get(status, status)
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, CommandLineError):
+            log.warning("command line refused: %s", error.reply)
+            return error.reply
+        reply: str = await super().handle_exception(error)
+        return reply
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """Refused when commands follow it in the same write (RFC 3207 §4.2): they were sent in plaintext and
+        would otherwise be read as if they came over TLS (the STARTTLS command injection, CVE-2011-0411)."""
+        if self._line_reader.pending():
+            log.warning("commands pipelined after STARTTLS: refused and disconnected")
+            await self._close_with("554 5.5.0 Commands sent after STARTTLS in plaintext are refused"
+                                   " (RFC 3207 section 4.2)")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA (RFC 5321 §4.1.1.4) read with bounded memory; the handler's `handle_DATA` gets what was kept."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        buffer = bytearray()
+        try:
+            refusal = await self._read_data(buffer)
+            self._reset_timeout()
+            if refusal is not None:
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push(refusal)
+                return
+            content = bytes(buffer)
+            buffer.clear()
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self._limiter.buffered -= self._held
+            self._held = 0
+
+    _held = 0
+    """Bytes of this connection's DATA counted in the listener's memory budget."""
+
+    async def _read_data(self, buffer: bytearray) -> str | None:
+        """Lines up to the lone dot, dot-stuffing undone (RFC 5321 §4.5.2), into `buffer`; the refusal or None.
+
+        Once a limit is passed the buffer is emptied and the rest is read and dropped: memory stays within
+        the size limit plus one read, however much the client sends (RFC 5321 §4.2.5: answer after the dot).
+        """
+        limits, reader = self._limits, self._line_reader
+        deadline = self.loop.time() + limits.max_data_duration
+        refusal: str | None = None
+        size = 0
+        at_line_start = True
+        while True:
+            self._reset_timeout(max(0.01, min(limits.data_timeout, deadline - self.loop.time())))
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:  # a line longer than RFC 5321 §4.5.3.1.6 allows
+                size += len(await reader.read(exc.consumed))
+                at_line_start = False
+                refusal = refusal or "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+                self._drop(buffer)
+                continue
+            if at_line_start and line == b".\r\n":
+                return refusal
+            at_line_start = True
+            size += len(line)
+            if refusal is None and size > limits.max_message_size:
+                refusal = f"552 5.3.4 Message too big: the limit is {limits.max_message_size} bytes"
+            elif refusal is None and self._limiter.buffered + len(line) > limits.max_buffered_data:
+                log.warning("DATA refused: the listener holds %d bytes of mail in memory", self._limiter.buffered)
+                refusal = "452 4.3.1 The gateway is receiving too much mail right now, please try again later"
+            if refusal is not None:
+                self._drop(buffer)
+                continue
+            buffer += line[1:] if line.startswith(b".") else line
+            self._limiter.buffered += len(line)
+            self._held += len(line)
+
+    def _drop(self, buffer: bytearray) -> None:
+        buffer.clear()
+        self._limiter.buffered -= self._held
+        self._held = 0
+
 
 class SubmissionSMTP(GatewaySMTP):
     """The submission listener: AUTH required after TLS, checked asynchronously."""
 
     def __init__(self, handler: SubmissionHandler, limiter: ConnectionLimiter, cfg: GatewayConfig,
-                 tls_context: ssl.SSLContext) -> None:
+                 tls_context: ssl.SSLContext, throttle: AuthThrottle | None = None) -> None:
         super().__init__(handler, limiter, cfg, tls_context, auth_required=True, auth_require_tls=True,
                          authenticator=_never_called)
         self._gw_handler = handler
+        self._throttle = throttle or AuthThrottle(cfg.limits)
         self._max_auth_failures = cfg.limits.max_auth_failures
         self._auth_failure_delay = cfg.limits.auth_failure_delay
         self._auth_failures = 0
 
     # AUTH: aiosmtpd's PLAIN and LOGIN parse the exchange and call the synchronous
     # `_authenticate`; ours only hands the credentials back, and the check runs here,
-    # asynchronously, with a delay and a cap on failures (RFC 4954 §4 leaves both to us).
+    # asynchronously, with a delay, a cap on failures per connection, and the limits per client
+    # address and per login of gateway/auth_throttle.py (RFC 4954 §4 leaves all of them to us).
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         return AuthResult(success=False, handled=False, auth_data=auth_data)
@@ -368,20 +570,32 @@ class SubmissionSMTP(GatewaySMTP):
         creds = pending.auth_data
         if pending.handled or not isinstance(creds, LoginPassword):
             return pending
+        client = self._client_address()
+        login = creds.login.decode("utf-8", "replace")
+        locked = self._throttle.refusal(client, login)
+        if locked is not None:
+            log.warning("AUTH refused without a password check: %s", locked[10:])
+            await asyncio.sleep(self._auth_failure_delay)
+            return AuthResult(success=False, handled=False, message=locked)
         address = await self._gw_handler.check_login(creds.login, creds.password)
         if address is not None:
+            self._throttle.succeeded(client, login)
             log.info("authenticated as %s", address)
             return AuthResult(success=True, auth_data=address)
+        self._throttle.failed(client, login)
         self._auth_failures += 1
         log.warning("authentication failed (%d on this connection)", self._auth_failures)
         await asyncio.sleep(self._auth_failure_delay)
         if self._auth_failures >= self._max_auth_failures:
-            await self.push("421 4.7.0 Too many authentication failures, closing the connection")
-            assert self.transport is not None
-            self.transport.close()
+            await self._close_with("421 4.7.0 Too many authentication failures, closing the connection")
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False,
                           message="535 5.7.8 Authentication failed: wrong login or password")
+
+    def _client_address(self) -> str:
+        assert self.session is not None
+        peer = self.session.peer
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _never_called(*_args: Any) -> AuthResult:
@@ -392,9 +606,10 @@ def _never_called(*_args: Any) -> AuthResult:
 async def start_submission(cfg: GatewayConfig, handler: SubmissionHandler,
                            tls_context: ssl.SSLContext) -> asyncio.Server:
     limiter = ConnectionLimiter(cfg.limits.max_connections)
+    throttle = AuthThrottle(cfg.limits)
     loop = asyncio.get_running_loop()
     listen = cfg.submission.listen
-    server = await loop.create_server(lambda: SubmissionSMTP(handler, limiter, cfg, tls_context),
+    server = await loop.create_server(lambda: SubmissionSMTP(handler, limiter, cfg, tls_context, throttle),
                                       host=listen.host, port=listen.port, reuse_address=True)
     log.info("submission listening on %s:%d (STARTTLS, AUTH PLAIN/LOGIN after TLS)", listen.host, listen.port)
     return server
