@@ -134,6 +134,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ImapLimitsConfig:
+    """What IMAP clients may cost: enforced by the gateway's IMAP relay and by the embedded Dovecot.
+
+    `max_connections` and `max_connections_per_ip` are counted by the relay, per client address (more get `* BYE`);
+    the others are written into Dovecot's configuration. Dovecot's own authentication penalty (anvil: up to 15 s
+    per client address after repeated failures) is always on and is not configurable in Dovecot 2.3.
+    """
+
+    max_connections: int = 200
+    max_connections_per_ip: int = 50
+    max_userip_connections: int = 20
+    auth_failure_delay: int = 2
+    max_line_length: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
 class DovecotConfig:
     """The mailbox store: Dovecot, run by the gateway (embedded) or the site's (external).
 
@@ -150,6 +166,7 @@ class DovecotConfig:
     mail_user: str = "mssgw-mail"
     binary: Path = Path("/usr/sbin/dovecot")
     lmtp: str | None = None
+    limits: ImapLimitsConfig = field(default_factory=ImapLimitsConfig)
 
     @property
     def lmtp_endpoint(self) -> str:
