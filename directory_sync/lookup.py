@@ -1,6 +1,6 @@
 """Recipient lookup for the SMTP session (DESIGN.md flow 1: `550 5.1.1` when unknown).
 
-A lookup is one primary-key read of `dir_mailbox` plus one indexed read of the
+A lookup is one statement: a primary-key read of `dir_mailbox` joined to the indexed
 certificates, run on a small thread pool so the event loop never waits on the database. The
 domain is compared case-insensitively (RFC 5321 §2.4), the local part exactly as published.
 """
@@ -54,26 +54,35 @@ class Recipient:
 
 _MAILBOX_COLUMNS = ("address", "mailbox_type", "id_type", "id_pp", "id_nat_ps", "civility", "last_name",
                     "first_name", "profession", "structure_id", "structure_name", "service", "liste_rouge")
-_MAILBOX_SQL = f"SELECT {', '.join(_MAILBOX_COLUMNS)} FROM dir_mailbox WHERE address_key = {{p}}"
-_CERTS_SQL = ("SELECT fingerprint_sha256, subject, not_before, not_after, der FROM dir_certificate "
-              "WHERE usage IN ('encryption', 'any') AND (address_key = {p} OR id_nat_ps = {p})")
+_CERT_COLUMNS = ("fingerprint_sha256", "subject", "not_before", "not_after", "der")
+# One round trip: the mailbox and, beside it, each encryption certificate of the mailbox or of
+# its owner (one row per certificate; NULLs when it has none).
+_LOOKUP_SQL = (
+    f"SELECT {', '.join('m.' + c for c in _MAILBOX_COLUMNS)}, {', '.join('c.' + c for c in _CERT_COLUMNS)} "
+    "FROM dir_mailbox m LEFT JOIN dir_certificate c ON c.usage IN ('encryption', 'any') "
+    "AND (c.address_key = m.address_key OR c.id_nat_ps = m.id_nat_ps) WHERE m.address_key = {p}"
+)
+_N = len(_MAILBOX_COLUMNS)
+# Read connections map the database file (SQLite): a lookup then copies no page through read().
+_SQLITE_MMAP = 1 << 30
 
 
 class DirectoryLookup:
     """`await lookup(address)`: the recipient, or None when the address is not published.
 
-    The hot path is two fixed SQL statements on a DBAPI connection kept by each pool thread:
-    building SQLAlchemy statements costs more than the indexed reads themselves. Each read
-    ends its transaction, so a lookup always sees the last committed sync.
+    The hot path is one fixed, joined SQL statement on a DB-API connection of its own per pool
+    thread (detached from the engine's pool, in autocommit): building SQLAlchemy statements
+    costs more than the indexed read itself. Each read is its own transaction, so a lookup
+    always sees the last committed sync, never a half-applied one.
     """
 
     def __init__(self, engine: Engine, *, threads: int = 4) -> None:
         self._engine = engine
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dir-lookup")
         self._local = threading.local()
-        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        self._mailbox_sql = _MAILBOX_SQL.format(p=mark)
-        self._certs_sql = _CERTS_SQL.format(p=mark)
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._sql = _LOOKUP_SQL.format(p="?" if engine.dialect.paramstyle == "qmark" else "%s")
+        self._errors: tuple[type[BaseException], ...] = (SQLAlchemyError, engine.dialect.loaded_dbapi.Error)
         self._connections: list[Any] = []
         self._lock = threading.Lock()
 
@@ -91,10 +100,22 @@ class DirectoryLookup:
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._engine.raw_connection()
+            conn = self._open()
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
+        return conn
+
+    def _open(self) -> Any:
+        proxy = self._engine.raw_connection()
+        conn: Any = proxy.driver_connection
+        proxy.detach()  # ours alone: its settings never reach a connection the pool hands out
+        if self._sqlite:
+            conn.isolation_level = None
+            conn.execute(f"PRAGMA mmap_size={_SQLITE_MMAP}")
+            conn.execute("PRAGMA query_only=ON")
+        else:
+            conn.autocommit = True
         return conn
 
     def _drop_connection(self) -> None:
@@ -105,45 +126,38 @@ class DirectoryLookup:
                 if conn in self._connections:
                     self._connections.remove(conn)
             try:
-                conn.invalidate()
+                conn.close()
             except Exception:  # noqa: BLE001 - the connection is being thrown away
-                log.debug("could not invalidate a broken lookup connection")
+                log.debug("could not close a broken lookup connection")
 
     def lookup_blocking(self, address: str, now: dt.datetime | None = None) -> Recipient | None:
         key = address_key(address)
         if key is None:
             return None
         try:
-            conn = self._connection()
-            cur = conn.cursor()
+            cur = self._connection().cursor()
             try:
-                cur.execute(self._mailbox_sql, (key,))
-                row = cur.fetchone()
-                certs: list[Any] = []
-                if row is not None:
-                    cur.execute(self._certs_sql, (key, row[4] or ""))
-                    certs = cur.fetchall()
+                cur.execute(self._sql, (key,))
+                rows = cur.fetchall()
             finally:
                 cur.close()
-                conn.rollback()
-        except SQLAlchemyError as exc:
-            self._drop_connection()
-            raise DirectoryUnavailable(type(exc).__name__) from exc
-        except self._engine.dialect.loaded_dbapi.Error as exc:
+        except self._errors as exc:
             self._drop_connection()
             log.warning("directory lookup failed: %s", type(exc).__name__)
             raise DirectoryUnavailable(type(exc).__name__) from exc
-        if row is None:
+        if not rows:
             return None
-        when = now or dt.datetime.now(dt.UTC)
+        row = rows[0]
         usable = []
-        for fp, subject, not_before, not_after, der in certs:
-            start, end = _aware(not_before), _aware(not_after)
-            if start <= when < end:
-                usable.append(RecipientCertificate(fp, subject, end, bytes(der)))
-        usable.sort(key=lambda c: c.not_after, reverse=True)
+        if row[_N] is not None:
+            when = now or dt.datetime.now(dt.UTC)
+            for fp, subject, not_before, not_after, der in (r[_N:] for r in rows):
+                start, end = _aware(not_before), _aware(not_after)
+                if start <= when < end:
+                    usable.append(RecipientCertificate(fp, subject, end, bytes(der)))
+            usable.sort(key=lambda c: c.not_after, reverse=True)
         (addr, mtype, id_type, id_pp, id_nat_ps, civility, last, first, profession, sid, sname, service,
-         red) = row
+         red) = row[:_N]
         return Recipient(
             address=addr, mailbox_type=mtype, id_nat_ps=id_nat_ps, rpps=id_pp if id_type == "8" else None,
             civility=civility, last_name=last, first_name=first, profession=profession, structure_id=sid,

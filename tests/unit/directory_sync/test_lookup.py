@@ -108,3 +108,36 @@ def test_a_bad_certificate_is_refused(engine: Engine) -> None:
         add_certificate(engine, b"\x30\x03\x02\x01\x00", address="a@b.fr")
     with pytest.raises(InvalidCertificate, match="belongs to"):
         add_certificate(engine, b"", usage="encryption")
+
+
+def test_lookup_connections_are_its_own_and_see_each_commit(directory: tuple[Engine, list[list[str]]],
+                                                            tmp_path: Path) -> None:
+    """The read-only settings of a lookup connection never reach the engine's writers, and a
+    lookup made after a sync commits sees it (no snapshot held between lookups)."""
+    engine, rows = directory
+    lookup = DirectoryLookup(engine, threads=1)
+    added = "nouvelle.adresse@pro.mssante.fr"
+    try:
+        assert lookup.lookup_blocking(_first(rows, "PER")[1]) is not None
+        assert lookup.lookup_blocking(added) is None
+        lines = list(mssante_lines(50))
+        lines.append(lines[1].replace(_first(rows, "PER")[1], added, 1))
+        import_paths(engine, [write_extract(tmp_path / "m2.txt", lines)])
+        found = lookup.lookup_blocking(added)
+        assert found is not None and found.address == added
+    finally:
+        lookup.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite:////nonexistent-dir/directory.db",
+                                 "postgresql+psycopg://nobody@127.0.0.1:1/none"])
+async def test_an_unreachable_directory_is_reported_as_unavailable(url: str) -> None:
+    from directory_sync.database import make_engine
+    from directory_sync.errors import DirectoryUnavailable
+
+    lookup = DirectoryLookup(make_engine(url))
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            await lookup.lookup("someone@medecin.mssante.fr")
+    finally:
+        lookup.close()
