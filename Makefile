@@ -6,6 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/dev.toml
+PEER_CONFIG ?= config/dev-peer.toml
 MAIL_USER := mssgw-mail
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -21,12 +22,13 @@ DEV_RPPS := 10001234567
 
 .PHONY: run test lint bench setup debs venv mail-user dev-setup pcsc-up pcsc-down clean
 
-# The virtual CPS card of the first practitioner sits in "Gateway Test PCD 00 00" while the gateway runs;
-# Ctrl-C stops the gateway, then the card and pcscd.
+# The demo: the gateway of $(CONFIG) and its peer gateway ($(PEER_CONFIG), another domain), while the virtual
+# CPS card of the first practitioner sits in "Gateway Test PCD 00 00"; Ctrl-C stops both gateways, then the card
+# and pcscd. README.md, "The demo", walks through sending a signed and encrypted message from one to the other.
 run: setup dev-setup pcsc-up
 	@trap '$(PY) -m cps.devstack down --state-dir var/pcsc >/dev/null' EXIT; \
 	trap : INT TERM; \
-	$(PY) -m gateway.cli -c $(CONFIG) run
+	$(PY) -m gateway.cli -c $(CONFIG) demo run --peer-config $(PEER_CONFIG)
 
 # pcscd and the demo card as for `make run` (the PC/SC tests reuse that pcscd and put their own card in
 # the second slot); stopped afterwards unless they were already running.
@@ -46,8 +48,9 @@ bench: setup
 
 setup: debs venv mail-user
 
+# Both demo gateways' PKIs and accounts (`mssgw dev-setup`), their trust space and directories (idempotent).
 dev-setup: setup
-	$(PY) -m gateway.cli -c $(CONFIG) dev-setup
+	$(PY) -m gateway.cli -c $(CONFIG) demo setup --peer-config $(PEER_CONFIG)
 
 pcsc-up: dev-setup
 	$(PY) -m cps.devstack up --state-dir var/pcsc --pki var/pki --rpps $(DEV_RPPS)

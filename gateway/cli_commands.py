@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gateway import cmd_account, cmd_card, cmd_directory, cmd_dovecot, cmd_pki, cmd_queue, cmd_run, cmd_smime
+from gateway import (
+    cmd_account,
+    cmd_card,
+    cmd_demo,
+    cmd_directory,
+    cmd_dovecot,
+    cmd_pki,
+    cmd_queue,
+    cmd_run,
+    cmd_smime,
+)
 
 REGISTRARS: list[Callable[[Any], None]] = [
     cmd_run.register,
@@ -16,4 +26,5 @@ REGISTRARS: list[Callable[[Any], None]] = [
     cmd_card.register,
     cmd_directory.register,
     cmd_smime.register,
+    cmd_demo.register,
 ]
