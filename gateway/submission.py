@@ -116,9 +116,17 @@ class _StrictLineReader(asyncio.StreamReader):
     refuses a line that ends in a bare LF or holds a CR elsewhere, so that no bare CR or LF is ever taken
     for a line end (RFC 5321 §2.3.8). DATA is read up to CRLF and its bare CR and LF are the handlers' to judge."""
 
+    _overrun = False
+    """The line being read is already too long (aiosmtpd drains it, then answers `500`)."""
+
     async def readuntil(self, separator: Any = b"\n") -> bytes:
-        line = await super().readuntil(separator)
-        if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+        try:
+            line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            self._overrun = True
+            raise
+        overrun, self._overrun = self._overrun, False
+        if separator == b"\n" and not overrun and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
             raise CommandLineError(_BARE_LINE_END)
         return line
 
