@@ -28,6 +28,7 @@ from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import AccountKeys, KeyRing, Pipeline, load_trust
 from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
+from gateway.relay_sessions import SessionCache
 from gateway.spool import GroupCommitter, Incoming, Spool
 from gateway.submission import RemotePolicy, SubmissionHandler, start_submission
 from gateway.tls import server_context
@@ -109,6 +110,8 @@ class Gateway:
             await asyncio.gather(self._card_watch, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
+        if self.relay is not None:
+            await self.relay.close()
         if self.cards is not None:
             await self.cards.close()
         await self.lmtp.close()
@@ -127,7 +130,9 @@ def _relay(cfg: GatewayConfig) -> OutboundRelay | None:
     return OutboundRelay(NextHopResolver(cfg.relay.routes, nameservers, cfg.relay.dns_timeout),
                          RelayLimiter(cfg.relay.per_destination),
                          client_tls_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca), helo=cfg.hostname,
-                         timeout=cfg.relay.timeout)
+                         timeout=cfg.relay.timeout,
+                         sessions=SessionCache(idle=cfg.relay.session_idle, max_messages=cfg.relay.session_messages,
+                                               per_hop=cfg.relay.per_destination))
 
 
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:

@@ -156,6 +156,8 @@ class NextHopResolver:
             resolver = dns.asyncresolver.Resolver()
         resolver.lifetime = timeout
         resolver.timeout = min(resolver.timeout, timeout)
+        # Answers kept for their TTL (RFC 1035 §3.2.1): a burst of mail to one domain asks DNS once, not per message.
+        resolver.cache = dns.resolver.Cache()
         self._resolver = resolver
         self._smtp_port = smtp_port
 

@@ -30,6 +30,7 @@ import aiosmtplib
 
 from gateway.errors import GatewayError, SmtpReplyError
 from gateway.nexthop import Hop, NextHopError, NextHopResolver
+from gateway.relay_sessions import PeerSession, SessionCache
 from gateway.tls import MSSANTE_TLS12_CIPHERS, TLSSetupError
 
 log = logging.getLogger(__name__)
@@ -155,14 +156,17 @@ def _context_for(hop: Hop, tls: ssl.SSLContext) -> tuple[ssl.SSLContext, str]:
 
 
 async def relay(message: bytes, sender: str, recipients: Sequence[str], hops: Sequence[Hop], *,
-                tls: ssl.SSLContext, helo: str, timeout: float = 120) -> dict[str, Reply]:
+                tls: ssl.SSLContext, helo: str, timeout: float = 120,
+                sessions: SessionCache | None = None) -> dict[str, Reply]:
     """Send `message` to `recipients` through the first usable hop; every recipient gets an answer.
 
     The next hop is tried (RFC 5321 §5.1) only while no recipient has been accepted: when a hop cannot be
     reached, does not offer or complete TLS, refuses the session, or answers 4xx to MAIL or to every RCPT.
     Once a recipient is accepted the session's outcome is final for this attempt: the answer to the final
     dot applies to every accepted recipient (§4.5.4; §3.3 for one DATA per transaction), and a connection
-    lost before that answer leaves them transient (4.4.2), never delivered.
+    lost before that answer leaves them transient (4.4.2), never delivered. With `sessions`, a hop's idle
+    session is reused when there is one, and a session that ended its transaction cleanly is kept for the
+    next message (gateway.relay_sessions).
     """
     if tls.verify_mode != ssl.CERT_REQUIRED or not tls.check_hostname:
         raise RelayConfigError("the relay needs a verifying TLS context (CERT_REQUIRED, check_hostname)")
@@ -175,7 +179,8 @@ async def relay(message: bytes, sender: str, recipients: Sequence[str], hops: Se
     last: Reply | None = None
     for hop in hops:
         try:
-            answers, accepted = await _session(hop, message, sender, pending, tls=tls, helo=helo, timeout=timeout)
+            answers, accepted = await _session(hop, message, sender, pending, tls=tls, helo=helo, timeout=timeout,
+                                               sessions=sessions)
         except _NextHop as skip:
             last = skip.error
             log.info("relay: hop %s unusable (%d %s), %d recipient(s) pending", hop, *skip.error, len(pending))
@@ -203,31 +208,55 @@ async def relay(message: bytes, sender: str, recipients: Sequence[str], hops: Se
     return results
 
 
+class _Stale(Exception):
+    """Internal: a cached session was found dead (or closing) at MAIL, before it carried anything."""
+
+
 async def _session(hop: Hop, message: bytes, sender: str, recipients: Sequence[str], *, tls: ssl.SSLContext,
-                   helo: str, timeout: float) -> tuple[dict[str, Reply], bool]:
-    """One SMTP transaction with `hop`: the answers, and whether any RCPT was accepted (after which the outcome
-    is final for this attempt). Raises `_NextHop` when nothing was said about any recipient."""
+                   helo: str, timeout: float, sessions: SessionCache | None) -> tuple[dict[str, Reply], bool]:
+    """One SMTP transaction with `hop`, on a cached session or a new one: the answers, and whether any RCPT was
+    accepted (after which the outcome is final for this attempt). Raises `_NextHop` when nothing was said about
+    any recipient."""
+    cached = sessions.take(hop) if sessions is not None else None
+    if cached is not None:
+        try:
+            return await _use(cached, message, sender, recipients, timeout, sessions, reused=True)
+        except _Stale as stale:
+            # The peer closed it while it was idle (its own idle timeout, a restart): nothing was sent, so a
+            # new session is no duplicate.
+            log.info("relay: idle session with %s closed by the peer (%s); opening a new one", hop, stale)
     ctx, server_hostname = _context_for(hop, tls)
+    session = await _open(hop, ctx, server_hostname, helo, timeout)
+    return await _use(session, message, sender, recipients, timeout, sessions, reused=False)
+
+
+async def _use(session: PeerSession, message: bytes, sender: str, recipients: Sequence[str], timeout: float,
+               sessions: SessionCache | None, *, reused: bool) -> tuple[dict[str, Reply], bool]:
+    """Run one transaction on `session`; then keep it (clean end, cache given) or close it."""
+    clean = False
+    try:
+        answers, accepted, clean = await _transaction(session, message, sender, recipients, timeout, reused=reused)
+        return answers, accepted
+    finally:
+        if clean and sessions is not None:
+            sessions.give_back(session)
+        else:
+            await _close_politely(session, timeout)
+
+
+async def _open(hop: Hop, ctx: ssl.SSLContext, server_hostname: str, helo: str, timeout: float) -> PeerSession:
+    """Connection, greeting, EHLO, STARTTLS, EHLO again (RFC 3207 §4.2): any failure here → next hop."""
     smtp = aiosmtplib.SMTP(hostname=hop.connect_to, port=hop.port, local_hostname=helo, timeout=timeout,
                            use_tls=False, start_tls=False)
     try:
-        return await _dialogue(smtp, hop, ctx, server_hostname, message, sender, recipients, timeout)
-    finally:
-        if smtp.is_connected:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit(timeout=min(timeout, 10))
-            smtp.close()
-
-
-async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server_hostname: str, message: bytes,
-                    sender: str, recipients: Sequence[str], timeout: float) -> tuple[dict[str, Reply], bool]:
-    # Connection, greeting, EHLO, STARTTLS, EHLO again (RFC 3207 §4.2): any failure here → next hop.
-    try:
         await smtp.connect()
     except aiosmtplib.SMTPConnectResponseError as exc:
+        smtp.close()
         raise _NextHop(_error_reply(PeerUnusable(hop, f"greeting {exc.code} {exc.message}"))) from exc
     except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+        smtp.close()
         raise _NextHop(_error_reply(ConnectFailed(hop, str(exc)))) from exc
+    session = PeerSession(hop, smtp)
     negotiating = False
     try:
         await smtp.ehlo()
@@ -238,22 +267,46 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
         # With TLS 1.3 a peer refusing our certificate says so only after our side of the handshake is done:
         # the first EHLO over TLS still counts as negotiation.
         await smtp.ehlo()
+    except _NextHop:
+        await _close_politely(session, timeout)
+        raise
     except ssl.SSLCertVerificationError as exc:
+        session.abort()
         raise _NextHop(_error_reply(TlsFailed(hop, f"certificate not accepted: {exc.verify_message}"))) from exc
     except ssl.SSLError as exc:
+        session.abort()
         raise _NextHop(_error_reply(TlsFailed(hop, exc.reason or str(exc)))) from exc
     except aiosmtplib.SMTPResponseException as exc:
+        await _close_politely(session, timeout)
         raise _NextHop(_error_reply(PeerUnusable(hop, f"{exc.code} {exc.message}"))) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
+        session.abort()
         if negotiating:
             raise _NextHop(_error_reply(TlsFailed(hop, f"connection closed during TLS negotiation: {exc}"))) from exc
         raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
+    except BaseException:
+        session.abort()
+        raise
     _log_tls(smtp, hop)
+    return session
 
+
+async def _close_politely(session: PeerSession, timeout: float) -> None:
+    if session.usable:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await session.smtp.quit(timeout=min(timeout, 10))
+    session.abort()
+
+
+async def _transaction(session: PeerSession, message: bytes, sender: str, recipients: Sequence[str],
+                       timeout: float, *, reused: bool) -> tuple[dict[str, Reply], bool, bool]:
+    """MAIL, RCPT..., DATA on an open session: (answers, whether any RCPT was accepted, whether the session
+    ended in a known state and may carry another transaction)."""
+    smtp, hop = session.smtp, session.hop
     options = []
     if smtp.supports_extension("size"):
         options.append(f"SIZE={len(message)}")  # RFC 1870 §6
-    if smtp.supports_extension("8bitmime") and any(b >= 0x80 for b in message):
+    if smtp.supports_extension("8bitmime") and not message.isascii():
         options.append("BODY=8BITMIME")  # RFC 6152 §3
     encoding = "ascii"
     answers: dict[str, Reply] = {}
@@ -265,19 +318,23 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
             # RFC 6531 §3.2: without SMTPUTF8 at the peer, a non-ASCII address cannot be sent (X.6.7, §3.5).
             refused = (553, f"5.6.7 The next hop {hop} does not support internationalised addresses (SMTPUTF8)")
             if not sender.isascii():
-                return dict.fromkeys(recipients, refused), False
+                return dict.fromkeys(recipients, refused), False, True
             answers = {r: refused for r in recipients if not r.isascii()}
             recipients = [r for r in recipients if r.isascii()]
             if not recipients:
-                return answers, False
+                return answers, False, True
     try:
         await smtp.mail(sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
+        if reused and exc.code == 421:
+            raise _Stale(f"{exc.code} {exc.message}") from exc  # RFC 5321 §3.8: the peer is closing the session
         reply = _peer_reply(exc.code, exc.message)
         if 400 <= exc.code < 500:
             raise _NextHop(reply) from exc
-        return {**answers, **dict.fromkeys(recipients, reply)}, False
+        return {**answers, **dict.fromkeys(recipients, reply)}, False, True
     except (aiosmtplib.SMTPException, OSError) as exc:
+        if reused:
+            raise _Stale(str(exc)) from exc
         raise _NextHop(_error_reply(ConnectionLost(hop, str(exc)))) from exc
 
     accepted: list[str] = []
@@ -293,12 +350,13 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
                 raise _NextHop(lost) from exc
             # Accepted ones included: without the answer to the final dot nothing was delivered.
             every = [*answers, *(r for r in recipients if r not in answers)]
-            return {r: answers[r] if r in answers and r not in accepted else lost for r in every}, True
+            return {r: answers[r] if r in answers and r not in accepted else lost for r in every}, True, False
         answers[rcpt] = _peer_reply(response.code, response.message)
         accepted.append(rcpt)
     if not accepted:
-        return answers, False
+        return answers, False, await _reset(smtp)
 
+    clean = True
     try:
         response = await smtp.data(message, timeout=max(timeout, DATA_END_TIMEOUT))
     except aiosmtplib.SMTPDataError as exc:
@@ -307,12 +365,23 @@ async def _dialogue(smtp: aiosmtplib.SMTP, hop: Hop, ctx: ssl.SSLContext, server
         # Lost before the answer to the final dot: the peer may or may not have the message, so it is not
         # delivered; a retry may duplicate it, which RFC 5321 §6.1 prefers to losing it.
         final = _error_reply(ConnectionLost(hop, f"during DATA, delivery not confirmed: {exc}"))
+        clean = False
     else:
         final = _peer_reply(response.code, response.message)
-    log.info("relay: %s answered %d to DATA for %d recipient(s)", hop, final[0], len(accepted))
+    log.info("relay: %s answered %d to DATA for %d recipient(s)%s", hop, final[0], len(accepted),
+             " (session reused)" if reused else "")
     for rcpt in accepted:
         answers[rcpt] = final
-    return answers, True
+    return answers, True, clean
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """RSET after a transaction that carried no data (RFC 5321 §4.1.1.5): whether the session is clean again."""
+    try:
+        await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        return False
+    return True
 
 
 def _log_tls(smtp: aiosmtplib.SMTP, hop: Hop) -> None:
@@ -339,13 +408,20 @@ class BadRecipientAddress(SmtpReplyError):
 @dataclass(frozen=True, slots=True)
 class OutboundRelay:
     """One message to all its recipients: grouped by domain (RFC 5321 §5.1 resolves per domain), each domain's
-    next hops resolved, then relayed under that domain's limiter slot. Domains are served concurrently."""
+    next hops resolved, then relayed under that domain's limiter slot, on a cached session to the hop when
+    `sessions` keeps one. Domains are served concurrently."""
 
     resolver: NextHopResolver
     limiter: RelayLimiter
     tls: ssl.SSLContext
     helo: str
     timeout: float = 120
+    sessions: SessionCache | None = None
+
+    async def close(self) -> None:
+        """End the idle sessions (gateway shutdown)."""
+        if self.sessions is not None:
+            await self.sessions.aclose()
 
     async def send(self, message: bytes, sender: str, recipients: Sequence[str]) -> dict[str, Reply]:
         by_domain: dict[str, list[str]] = {}
@@ -369,7 +445,8 @@ class OutboundRelay:
             log.info("relay: no next hop for %s: %s (%s)", domain, exc.reply(), exc.cause)
             return answers_for(recipients, exc)
         async with self.limiter.slot(domain):
-            return await relay(message, sender, recipients, hops, tls=self.tls, helo=self.helo, timeout=self.timeout)
+            return await relay(message, sender, recipients, hops, tls=self.tls, helo=self.helo, timeout=self.timeout,
+                               sessions=self.sessions)
 
 
 @dataclass(slots=True)
