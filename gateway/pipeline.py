@@ -115,15 +115,19 @@ class Pipeline:
         self._directory = directory
         self._trust = trust
         self._submit = submit
+        self._plain_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.plain_domains)
 
     async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
         if msg.direction == "inbound":
             return await self._inbound(msg, data)
         local = [r for r in msg.pending if self._cfg.is_local_domain(_domain(r))]
-        remote = [r for r in msg.pending if r not in local]
+        plain = [r for r in msg.pending if r not in local and _domain(r) in self._plain_domains]
+        secure = [r for r in msg.pending if r not in local and r not in plain]
         results: list[RecipientResult] = []
-        if remote:  # first: a card that is not there holds the whole message before any copy is delivered
-            results += await self._outbound(msg, remote, data)
+        if secure:  # first: a card that is not there holds the whole message before any copy is delivered
+            results += await self._outbound(msg, secure, data)
+        if plain:
+            results += await self._relay_plain(msg, plain, data)
         if local:
             results += await self._to_mailboxes(msg.sender, local, data)
         return results
@@ -135,6 +139,15 @@ class Pipeline:
             return [RecipientResult(r, "retry", f"451 4.4.1 {exc}") for r in recipients]
         return [_result(r, replies[r].code, " ".join(p for p in (replies[r].enhanced, replies[r].text) if p))
                 for r in recipients]
+
+    async def _relay_plain(self, msg: QueuedMessage, recipients: list[str], data: bytes) -> list[RecipientResult]:
+        """Relay as submitted, neither signed nor encrypted: only to the domains the configuration names in
+        `relay.plain_domains` (benchmarks and tests; MSSanté wants S/MIME between gateways)."""
+        if self._relay is None:
+            return [RecipientResult(r, "failed", "554 5.7.1 Cannot send to another gateway: no relay configured")
+                    for r in recipients]
+        replies = await self._relay.send(data, msg.sender, recipients)
+        return [_result(r, *replies[r]) for r in recipients]
 
     async def _outbound(self, msg: QueuedMessage, recipients: list[str], data: bytes) -> list[RecipientResult]:
         account = msg.account or ""
@@ -178,29 +191,52 @@ class Pipeline:
         return results + [_result(r, *replies[r]) for r in sendable]
 
     async def _inbound(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
+        """Open and deliver for each pending recipient, with the recipient's own key.
+
+        Each recipient is delivered as soon as it is opened, so when one of them cannot be served now (its card
+        is absent or locked: a hold; the directory is unreachable) others may already have their copy. Those
+        answers are kept: the message is recorded with them, and the recipients left get a transient answer, so
+        that neither a later attempt nor a release after a hold delivers a second copy (or sends a second MDN)
+        to the recipients already served. Only when nobody has been served yet does the error go up (a hold
+        parks the whole message until the card is back)."""
         if self._trust is None:
             return [RecipientResult(r, "retry", "451 4.7.5 No trust anchors configured") for r in msg.pending]
-        results = []
-        identity = self._identity if self._directory is not None else None
+        results: list[RecipientResult] = []
         for rcpt in msg.pending:
             try:
-                opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.decrypter(rcpt),
-                                              trust=self._trust, identity_check=identity, hostname=self._cfg.hostname)
+                results.append(await self._inbound_one(msg, rcpt, data, self._trust))
             except Exception as exc:
-                hold = self._keys.hold(rcpt, exc)
-                if hold is not None:
-                    raise hold from exc
-                raise
-            log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict,
-                     f" ({opened.reason})" if opened.reason else "")
-            if opened.transient:
-                results.append(RecipientResult(rcpt, "retry", f"451 4.7.5 {opened.reason}"))
-                continue
-            [delivered] = await self._to_mailboxes(msg.sender, [rcpt], opened.message)
-            results.append(delivered)
-            if delivered.state == "done":
-                await self._acknowledge(msg, rcpt, data, opened)
+                if not any(r.state != "retry" for r in results):
+                    raise
+                hold = exc if isinstance(exc, HoldForCard) else None
+                if hold is None:
+                    log.warning("to=<%s> cannot be delivered now: %s", rcpt, exc)
+                why = f"451 4.7.0 Waiting for the recipient's key: {hold.reason}" if hold is not None \
+                    else f"451 4.3.0 Temporary local problem: {exc}"
+                served = {r.address for r in results}
+                return results + [RecipientResult(r, "retry", why) for r in msg.pending if r not in served]
         return results
+
+    async def _inbound_one(self, msg: QueuedMessage, rcpt: str, data: bytes, trust: TrustStore) -> RecipientResult:
+        identity = self._identity if self._directory is not None else None
+        try:
+            opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.decrypter(rcpt),
+                                          trust=trust, identity_check=identity, hostname=self._cfg.hostname)
+        except Exception as exc:
+            hold = self._keys.hold(rcpt, exc)
+            if hold is not None:
+                raise hold from exc
+            raise
+        log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict, f" ({opened.reason})" if opened.reason else "")
+        if opened.transient:
+            return RecipientResult(rcpt, "retry", f"451 4.7.5 {opened.reason}")
+        [delivered] = await self._to_mailboxes(msg.sender, [rcpt], opened.message)
+        if delivered.state == "done":
+            try:
+                await self._acknowledge(msg, rcpt, data, opened)
+            except Exception:  # the copy is delivered: a lost MDN must not bring a second one (RFC 8098 §2.1)
+                log.exception("to=<%s> the MDN could not be queued", rcpt)
+        return delivered
 
     async def _identity(self, cert: x509.Certificate, sender: str | None) -> str:
         """The signer's RPPS number must own the From address in the directory (mssante.md §5, item 11);
