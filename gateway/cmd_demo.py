@@ -25,10 +25,12 @@ import email.policy
 import imaplib
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -75,9 +77,17 @@ def _pki_dir(cfg: GatewayConfig) -> Path:
 
 
 def _smime(cfg: GatewayConfig) -> SmimeConfig:
-    if cfg.smime is None or cfg.tls.ca is None or cfg.smime.crls is None:
-        raise GatewayError(f"{cfg.source}: the demo needs tls.ca, [smime] trust_anchors and crls")
+    if cfg.smime is None:
+        raise GatewayError(f"{cfg.source}: the demo needs an [smime] table (keys, cards, trust anchors)")
     return cfg.smime
+
+
+def _trust_files(cfg: GatewayConfig) -> tuple[Path, Path, Path]:
+    """tls.ca, smime.trust_anchors and smime.crls: the files `setup` writes for both PKIs."""
+    smime = _smime(cfg)
+    if cfg.tls.ca is None or smime.crls is None:
+        raise GatewayError(f"{cfg.source}: the demo needs tls.ca and smime.crls")
+    return cfg.tls.ca, smime.trust_anchors, smime.crls
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -103,11 +113,10 @@ def _setup(args: argparse.Namespace) -> int:
     anchors = b"".join(p.ca_bundle.read_bytes() for p in pkis)
     crls = b"".join(p.crls_pem.read_bytes() for p in pkis)
     for cfg in gateways:
-        smime = _smime(cfg)
-        for path, data in ((cfg.tls.ca, anchors), (smime.trust_anchors, anchors), (smime.crls, crls)):
-            assert path is not None
+        tls_ca, trust_anchors, crl_file = _trust_files(cfg)
+        for path, data in ((tls_ca, anchors), (trust_anchors, anchors), (crl_file, crls)):
             _write_if_changed(path, data)
-    trust_list = gateways[0].tls.ca.parent / "listeblanche.xml"  # type: ignore[union-attr]
+    trust_list = _trust_files(gateways[0])[0].parent / "listeblanche.xml"
     _write_if_changed(trust_list, whitelist_xml({domain: operator_dn(cfg.tls.cert) for cfg in gateways
                                                  for domain in cfg.local_domains}).encode())
 
@@ -116,7 +125,11 @@ def _setup(args: argparse.Namespace) -> int:
         smime = _smime(cfg)
         boxes = [DirectoryMailbox(k.account, k.cert) for k in smime.keys]
         for card in smime.cards:
-            p = pki.practitioner(card.rpps)
+            try:
+                p = pki.practitioner(card.rpps)
+            except KeyError:
+                raise GatewayError(f"{cfg.source}: no practitioner of RPPS {card.rpps} in the development PKI "
+                                   f"{pki.directory}") from None
             boxes.append(DirectoryMailbox(card.account, p.auth_cert, p.rpps, p.surname, p.given_name))
         return boxes
 
@@ -203,7 +216,8 @@ def _unlock_command() -> str:
     """The operator's command that gives the demo card its PIN (slot 0 of the vpcd reader, cps/devstack.py)."""
     from cps.devstack import reader_name
 
-    return f'.venv/bin/mssgw card unlock --reader "{reader_name(0)}"   # the virtual demo card\'s PIN is {DEMO_CARD_PIN}'
+    return (f'.venv/bin/mssgw card unlock --reader "{reader_name(0)}"'
+            f"   # the virtual demo card's PIN is {DEMO_CARD_PIN}")
 
 
 def _print_next_steps(gateways: list[GatewayConfig]) -> None:
@@ -238,23 +252,41 @@ def _letter(sender: str, recipient: str) -> EmailMessage:
     msg["Subject"] = "Démo MSSanté : compte rendu signé et chiffré"
     msg["Date"] = formatdate()
     msg["Message-ID"] = make_msgid("demo", sender.rpartition("@")[2])
-    msg.set_content("Bonjour,\n\nCe message de démonstration a été signé avec la carte CPS de l'expéditeur,\n"
-                    "chiffré pour le destinataire, relayé entre deux passerelles MSSanté, puis déchiffré\n"
-                    "et vérifié par la passerelle du destinataire.\n\nBien cordialement.\n")
+    msg.set_content("Bonjour,\n\n"
+                    "Ce message de démonstration a été signé par l'expéditeur (sa carte CPS, ou le\n"
+                    "certificat de son organisation), chiffré pour le destinataire, relayé entre deux\n"
+                    "passerelles MSSanté, puis déchiffré et vérifié par la passerelle du destinataire.\n\n"
+                    "Bien cordialement.\n")
     return msg
 
 
 def _submit(cfg: GatewayConfig, sender: str, recipient: str, msg: EmailMessage) -> str:
     """SMTP submission as a mail client does it; returns the queue id of the `250` reply."""
+    listen = cfg.submission.listen
+    try:
+        return _submission_session(cfg, sender, recipient, msg)
+    except smtplib.SMTPException as exc:
+        raise GatewayError(f"SMTP submission at {listen.host}:{listen.port}: {exc}") from None
+    except OSError as exc:
+        raise GatewayError(f"cannot reach the gateway at {listen.host}:{listen.port} ({exc}); "
+                           "is `make run` running?") from None
+
+
+def _submission_session(cfg: GatewayConfig, sender: str, recipient: str, msg: EmailMessage) -> str:
     from gateway.tls import client_context
 
     listen = cfg.submission.listen
     with smtplib.SMTP(listen.host, listen.port, timeout=60) as s:
         s.starttls(context=client_context(str(cfg.tls.ca)))
         s.login(sender, _password(cfg, sender))
-        print(f"Submitted over SMTP submission {listen.host}:{listen.port} (STARTTLS {s.sock.version()}, "  # type: ignore[union-attr]
+        version = s.sock.version() if isinstance(s.sock, ssl.SSLSocket) else "?"
+        print(f"Submitted over SMTP submission {listen.host}:{listen.port} (STARTTLS {version}, "
               f"AUTH as {sender}):")
-        for code, reply in (s.mail(sender), s.rcpt(recipient), s.data(msg.as_bytes(policy=email.policy.SMTP))):
+        steps: list[Callable[[], tuple[int, bytes]]] = [
+            lambda: s.mail(sender), lambda: s.rcpt(recipient),
+            lambda: s.data(msg.as_bytes(policy=email.policy.SMTP))]
+        for step in steps:  # one command at a time: a refusal is shown as the gateway worded it
+            code, reply = step()
             print(f"  {code} {reply.decode('utf-8', 'replace')}")
             if code >= 400:
                 raise GatewayError(f"the gateway refused the message: {code} {reply.decode('utf-8', 'replace')}")
@@ -312,7 +344,7 @@ def _follow(spool: Spool, queue_id: str, peer: GatewayConfig, recipient: str, me
     except GatewayError:
         password = None  # not a development account: the reader logs in themselves
     deadline = time.monotonic() + wait
-    last_state = ""
+    last_state = imap_error = ""
     while time.monotonic() < deadline:
         entry = next((e for e in spool.entries() if e.id == queue_id), None)
         state = entry.state if entry is not None else "done"
@@ -327,14 +359,21 @@ def _follow(spool: Spool, queue_id: str, peer: GatewayConfig, recipient: str, me
             print(f"Not delivered ({state}): {entry.last_error or ''}")
             for address, rcpt_state, reply in entry.recipients:
                 print(f"  {address}: {rcpt_state} {reply or ''}")
-            print("A failure notice (DSN) goes to the sender's inbox; `mssgw queue show` tells more.")
+            print("The gateway tries again later (is the peer running?)" if state == "deferred" else
+                  "A failure notice (DSN) is in the sender's inbox.")
+            print(f"`.venv/bin/mssgw queue show {queue_id}` tells more.")
             return None
         if state == "done" and password is not None:
-            found = _fetch_by_message_id(peer, recipient, password, message_id)
-            if found is not None:
-                return found
+            try:
+                found = _fetch_by_message_id(peer, recipient, password, message_id)
+            except (imaplib.IMAP4.error, OSError) as exc:
+                imap_error = f" (the peer's IMAP: {exc})"
+            else:
+                if found is not None:
+                    return found
         time.sleep(0.5)
-    print(f"Not in {recipient}'s mailbox after {wait:g} s; `.venv/bin/mssgw queue list` shows where it is.")
+    print(f"Not in {recipient}'s mailbox after {wait:g} s{imap_error}; `.venv/bin/mssgw queue list` and the "
+          "gateways' output tell where it is.")
     return None
 
 

@@ -78,7 +78,8 @@ def whitelist_xml(domains: Mapping[str, str | None]) -> str:
         f"<Domaine><Nom>{escape(domain)}</Nom><Description>{escape(domain)}</Description>"
         + (f"<DNCertificatOperateur>{escape(dn)}</DNCertificatOperateur>" if dn is not None else "")
         + "</Domaine>" for domain, dn in domains.items())
-    return f'<ListeBlanche xmlns="{NAMESPACE}"><DateDeGeneration>{LIST_GENERATED}</DateDeGeneration>{entries}</ListeBlanche>'
+    return (f'<ListeBlanche xmlns="{NAMESPACE}"><DateDeGeneration>{LIST_GENERATED}</DateDeGeneration>'
+            f"{entries}</ListeBlanche>")
 
 
 def seed_directory(engine: Engine, trust_list: Path, mailboxes: Sequence[DirectoryMailbox]) -> None:
