@@ -11,8 +11,12 @@ delivery, never a lost message. It saves an fsync per delivery step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event, inspect, text
@@ -36,6 +40,7 @@ def make_engine(cfg: DatabaseConfig, *, durable: bool = True) -> Engine:
     if cfg.password is not None:
         url = url.set(password=read_secret(cfg.password))
     if url.get_backend_name() == "sqlite":
+        _private_sqlite_file(url.database)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas(durable))
     else:
@@ -45,6 +50,28 @@ def make_engine(cfg: DatabaseConfig, *, durable: bool = True) -> Engine:
     if durable:
         log.info("database: %s", url.render_as_string(hide_password=True))
     return engine
+
+
+def _private_sqlite_file(database: str | None) -> None:
+    """The database holds password hashes and the queue: readable by the gateway's user only (0600) whatever the
+    umask of the command that first opens it. SQLite gives its -wal and -shm files the database file's mode, so a
+    database created here keeps them private too; files made wider before are narrowed."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # SQLite reports what is wrong with the path when it opens it
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(companion.stat().st_mode) & 0o077:
+                companion.chmod(0o600)
 
 
 def create_tables(engine: Engine) -> None:
