@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,10 @@ def _write(path: Path | None, data: bytes) -> None:
         sys.stdout.buffer.flush()
         return
     try:
-        path.write_bytes(data)
+        # What this writes is often a decrypted message: readable by whoever ran the command only (issue 7, item 7).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     except OSError as exc:
         raise SmimeCommandError(f"cannot write {path}: {exc.strerror}") from None
 
