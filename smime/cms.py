@@ -79,10 +79,14 @@ def _issuer_and_serial_der(cert_der: bytes) -> bytes:
 
 
 def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
+    """A certificate of the message, its names and extensions parsed now: cryptography parses them on first
+    access, and a duplicated or damaged extension (RFC 5280 §4.2) must fail here, not inside a check."""
     try:
-        return x509.load_der_x509_certificate(cert.dump())
-    except ValueError as exc:
-        raise MalformedCms(f"embedded certificate does not parse: {exc}") from None
+        loaded = x509.load_der_x509_certificate(cert.dump())
+        _ = loaded.subject, loaded.issuer, loaded.extensions
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise MalformedCms(f"embedded certificate does not parse: {type(exc).__name__}: {exc}") from None
+    return loaded
 
 
 

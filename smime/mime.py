@@ -90,17 +90,49 @@ class ContentType:
         return self.params.get(name.lower())
 
 
+_LINE_BREAK = re.compile(r"\r?\n")
+
+
+def boundary_bytes(boundary: str) -> bytes:
+    """A boundary parameter back as the bytes it came as (undecodable bytes were kept as surrogates)."""
+    try:
+        return boundary.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from an RFC 2231 value in UTF-16, say: matches nothing real
+        return boundary.encode("utf-8", "surrogatepass")
+
+
 def content_type(block: bytes) -> ContentType:
-    """The Content-Type of an entity's header block; text/plain when absent (RFC 2045 §5.2)."""
-    value = get_header(block, "content-type")
-    if value is None:
+    """The Content-Type of an entity's header block; text/plain when absent (RFC 2045 §5.2).
+
+    The field is unfolded (RFC 5322 §2.2.3) but its white space kept: a quoted boundary may hold a tab.
+    """
+    field = next((f for f in header_fields(block) if field_name(f) == "content-type"), None)
+    if field is None:
         return ContentType("text/plain", {})
+    value = _LINE_BREAK.sub("", field.split(b":", 1)[1].decode("utf-8", "surrogateescape")).strip()
     msg = email.message.Message()
     msg["Content-Type"] = value
     params: dict[str, str] = {}
-    for key, val in msg.get_params(failobj=[])[1:]:
-        params[key.lower()] = _param_value(val)
+    try:
+        found = msg.get_params(failobj=[])[1:]
+    except (TypeError, ValueError, IndexError):  # RFC 2231 continuations the email package cannot put together
+        found = _plain_params(value)
+    for key, val in found:
+        params.setdefault(key.lower(), _param_value(val))  # the first of a repeated parameter, as email.message
     return ContentType(msg.get_content_type(), params)
+
+
+_PARAM_SEPARATOR = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
+
+
+def _plain_params(value: str) -> list[tuple[str, str]]:
+    """Parameters `name=value` of a header value, without RFC 2231 decoding (quotes removed)."""
+    out = []
+    for item in _PARAM_SEPARATOR.split(value)[1:]:
+        name, sep, val = item.partition("=")
+        if sep:
+            out.append((name.strip(), email.utils.unquote(val.strip())))
+    return out
 
 
 def _param_value(value: str | tuple[str, str, str]) -> str:
@@ -144,13 +176,18 @@ def check_structure(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> None
         else:
             ctype = content_type(block)
             mime_type, boundary = ctype.mime_type, ctype.param("boundary")
+        if mime_type == "message/delivery-status":  # a list of header blocks, one entity each (RFC 3464 §2.1)
+            parts += data.count(b"\r\n\r\n", body, end) + 1
+            stack.append((end, end, depth + 1, False))  # their level, counted as one more part
+            continue
         if mime_type.startswith("message/"):
             stack.append((body, end, depth + 1, False))
             continue
-        if not mime_type.startswith("multipart/") or not boundary:
+        if not mime_type.startswith("multipart/") or boundary is None:
             continue
+        boundary = boundary.rstrip()  # an empty boundary still cuts parts at "--" lines, as the email package does
         digest = mime_type == "multipart/digest"
-        delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*(?:\r\n|\Z)")
+        delim = re.compile(rb"(?m)^--" + re.escape(boundary_bytes(boundary)) + rb"(--)?[ \t]*(?:\r\n|\Z)")
         previous: int | None = None
         for mark in delim.finditer(data, body, end):
             if previous is not None:
@@ -221,6 +258,15 @@ def canonicalize(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     if not _needs_reencoding(entity):
         return to_crlf(entity)
     check_structure(entity, limits)
+    try:
+        return _reencode(entity)
+    except (TypeError, ValueError, LookupError, IndexError, AttributeError) as exc:
+        # The email package fails on some malformed headers (RFC 2231 continuations mixed with an extended
+        # value, say) instead of recording a defect; the client must fix the message.
+        raise MalformedMessage(f"the message cannot be re-encoded for signing: {type(exc).__name__}: {exc}") from None
+
+
+def _reencode(entity: bytes) -> bytes:
     policy = email.policy.compat32.clone(linesep="\r\n")
     msg = email.message_from_bytes(entity, policy=policy)
     for part in msg.walk():
@@ -313,7 +359,7 @@ def split_multipart_signed(entity: bytes) -> SignedParts:
     protocol = (ctype.param("protocol") or "application/pkcs7-signature").lower()
     if protocol not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
         raise MalformedMessage(f"multipart/signed with protocol {protocol} is not S/MIME (RFC 8551 §3.5.3)")
-    delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode()) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    delim = re.compile(rb"(?m)^--" + re.escape(boundary_bytes(boundary)) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     marks = list(delim.finditer(body))
     closing = next((i for i, m in enumerate(marks) if m.group(1)), None)
     if closing is None:

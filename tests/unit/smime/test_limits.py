@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
-
 import pytest
 
 from smime import der
@@ -16,6 +13,7 @@ from smime.message import open_message, sign_and_encrypt
 from smime.mime import canonicalize, check_structure, content_type
 from smime.signing import sign_message
 from smime.verify import verify_signed_data
+from tests.fuzz.support import email_view
 
 LEAF = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n"
 
@@ -36,20 +34,6 @@ def many_parts(count: int) -> bytes:
 
 def message(entity: bytes) -> bytes:
     return b"From: jeanne.exemple@dev.mssante.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n" + entity
-
-
-def email_depth_and_parts(entity: bytes) -> tuple[int, int]:
-    """What the email package makes of an entity: deepest level and number of parts (top = level 1)."""
-    msg = email.message_from_bytes(entity, policy=email.policy.compat32)
-    deepest, parts, todo = 0, 0, [(msg, 1)]
-    while todo:
-        part, depth = todo.pop()
-        parts += 1
-        deepest = max(deepest, depth)
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            todo.extend((p, depth + 1) for p in payload)
-    return deepest, parts
 
 
 def test_limit_error_is_an_smime_error_that_names_the_limit():
@@ -97,7 +81,7 @@ async def test_mime_part_count(trust, jeanne_sign):
     b"Content-Type: multipart/mixed; boundary=Q\r\nnot a header\r\n--Q\r\n" + nested_multipart(2) + b"\r\n--Q--\r\n",
 ])
 def test_mime_scan_sees_what_the_email_package_sees(entity):
-    depth, parts = email_depth_and_parts(entity)
+    depth, parts = email_view(entity)
     check_structure(entity, ParseLimits(max_mime_depth=depth, max_mime_parts=parts))
     with pytest.raises(LimitExceeded):
         check_structure(entity, ParseLimits(max_mime_depth=depth - 1))

@@ -1,0 +1,57 @@
+"""Hypothesis profiles of the fuzz targets, chosen by MSSGW_FUZZ_PROFILE.
+
+`ci` (the default, what `make test` runs): a few dozen examples per target, the whole directory in well
+under a minute. `fuzz` (what `make fuzz` runs): each target runs round after round of examples, each
+round with fresh random data, until its share of FUZZ_SECONDS (default 300 for the directory) is spent.
+A failing example is kept in Hypothesis's database (.hypothesis/) and replayed first by the next run;
+once understood it becomes an explicit regression test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+PROFILE = os.environ.get("MSSGW_FUZZ_PROFILE", "ci")
+FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "300"))
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK,
+                          print_blob=True)
+settings.register_profile("fuzz", max_examples=400, deadline=None, suppress_health_check=_SLOW_OK,
+                          print_blob=True)
+FUZZ = settings.get_profile(PROFILE)  # applied by each target (@FUZZ), not loaded for the rest of the suite
+
+_budget: dict[str, float] = {}
+
+
+def _is_fuzz_target(item: pytest.Item) -> bool:
+    return isinstance(item, pytest.Function) and hasattr(item.obj, "hypothesis")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    targets = [item for item in items if _is_fuzz_target(item) and "tests/fuzz/" in str(item.path)]
+    for item in targets:
+        _budget[item.nodeid] = FUZZ_SECONDS / len(targets)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Under the `fuzz` profile, a target runs again and again until its time share is spent."""
+    share = _budget.get(pyfuncitem.nodeid)
+    if PROFILE != "fuzz" or share is None:
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    deadline = time.monotonic() + share
+    rounds = 0
+    while True:
+        pyfuncitem.obj(**args)
+        rounds += 1
+        if time.monotonic() >= deadline:
+            break
+    print(f"{pyfuncitem.name}: {rounds} rounds of {FUZZ.max_examples} examples in {share:.0f} s")
+    return True
