@@ -55,7 +55,7 @@ class GatewayProcess:
     def __init__(self, root: Path, pki: Path, database_url: str | None = None, *, domain: str = DOMAIN,
                  hostname: str = "gw.dev.mssante.test", accounts: Mapping[str, str] | None = None,
                  ca: Path | None = None, extra: str = "", log_level: str = "DEBUG", spool_workers: int = 4,
-                 inbound_port: int | None = None) -> None:
+                 inbound_port: int | None = None, more_domains: Sequence[str] = ()) -> None:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.database_url = database_url or f"sqlite:///{root / 'gateway.db'}"
@@ -65,7 +65,7 @@ class GatewayProcess:
         self.config = root / "gateway.toml"
         self.config.write_text(f"""
 hostname = "{hostname}"
-local_domains = ["{domain}"]
+local_domains = [{", ".join(f'"{d}"' for d in (domain, *more_domains))}]
 [tls]
 cert = "{pki / 'gateway' / 'tls-server-chain.pem'}"
 key = "{pki / 'gateway' / 'tls-server.key'}"
@@ -186,6 +186,8 @@ class TwoGateways:
     b: GatewayProcess
     alice: str
     bob: str
+    plain_bob: str | None = None
+    """bob's mailbox in B's second domain, reached by a plain relay (two_gateways' `plain_domain`)."""
 
     def start(self) -> None:
         self.b.start()
@@ -206,7 +208,7 @@ def dev_pkis(root: Path) -> tuple[DevPki, DevPki]:
 def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[str, str] | None = None,
                  mailboxes: Sequence[tuple[str, Path]] = (), log_level: str = "DEBUG",
                  spool_workers: int = 4, card_holders: Sequence[Practitioner] = (),
-                 operators: Mapping[str, str | None] | None = None) -> TwoGateways:
+                 operators: Mapping[str, str | None] | None = None, plain_domain: str | None = None) -> TwoGateways:
     """Configure (not start) A and B: both trust both PKIs' roots and CRLs and the trust space {A, B, routed
     domains}, A and B with the subject of their gateway certificate as operator DN (`operators` adds domains
     or replaces the DN given, None for none); each signs/decrypts with its organisation key file; A routes B's
@@ -214,14 +216,20 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
     encryption certificate (plus `mailboxes`: (address, encryption certificate) of other domains).
     `card_holders`: practitioners of PKI A whose accounts on A sign with their CPS card (`[[smime.cards]]`),
     published with their RPPS number in B's directory (which checks the signer's RPPS against the From
-    address). The directories are seeded as `mssgw demo setup` seeds the demo's (gateway.devdirectory)."""
+    address). The directories are seeded as `mssgw demo setup` seeds the demo's (gateway.devdirectory).
+    `plain_domain`: a second domain of B, with a mailbox `bob` of its own, to which A relays WITHOUT S/MIME
+    (`relay.plain_domains`): the plain relay through the same two gateways (bench/relay_bench.py)."""
     anchors, crls = root / "anchors.pem", root / "crls.pem"
     anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
     crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
     alice, bob = pki_a.organisation.email, pki_b.organisation.email
     extra_routes = dict(routes or {})
     dns = {A: operator_dn(pki_a.tls_server_cert), B: operator_dn(pki_b.tls_server_cert), **(operators or {})}
-    (root / "trust.xml").write_text(whitelist(A, B, *extra_routes, operators=dns), encoding="utf-8")
+    plain_bob = f"{bob.partition('@')[0]}@{plain_domain}" if plain_domain else None
+    if plain_domain:
+        dns[plain_domain] = dns[B]
+    (root / "trust.xml").write_text(whitelist(A, B, *extra_routes, *([plain_domain] if plain_domain else []),
+                                              operators=dns), encoding="utf-8")
 
     def smime(account: str, pki: DevPki, cards: Sequence[Practitioner] = ()) -> str:
         bindings = ", ".join(f'{{ account = "{p.email}", rpps = "{p.rpps}" }}' for p in cards)
@@ -231,22 +239,30 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
 
     inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
     a_inbound = free_port()  # B routes A's domain back to it (MDNs)
-    b = GatewayProcess(root / "b", pki_b.directory, domain=B, hostname=f"gw.{B}", accounts={bob: "bob-password-1"},
+    b = GatewayProcess(root / "b", pki_b.directory, domain=B, hostname=f"gw.{B}",
+                       accounts={bob: "bob-password-1", **({plain_bob: "bob-password-1"} if plain_bob else {})},
                        ca=anchors, extra=inbound + smime(bob, pki_b)
                        + f'[relay]\nroutes = {{ "{A}" = "[127.0.0.1]:{a_inbound}" }}\n',
-                       log_level=log_level, spool_workers=spool_workers)
-    table = ", ".join(f'"{d}" = "{hop}"' for d, hop in {B: f"[127.0.0.1]:{b.inbound_port}", **extra_routes}.items())
+                       log_level=log_level, spool_workers=spool_workers,
+                       more_domains=[plain_domain] if plain_domain else [])
+    b_routes = {B: f"[127.0.0.1]:{b.inbound_port}", **({plain_domain: f"[127.0.0.1]:{b.inbound_port}"}
+                                                        if plain_domain else {})}
+    table = ", ".join(f'"{d}" = "{hop}"' for d, hop in {**b_routes, **extra_routes}.items())
+    plain = f'plain_domains = ["{plain_domain}"]\n' if plain_domain else ""
     a = GatewayProcess(root / "a", pki_a.directory, domain=A, hostname=f"gw.{A}",
                        accounts={alice: "alice-password-1", **{p.email: CARD_HOLDER_PASSWORD for p in card_holders}},
-                       ca=anchors, extra=inbound + smime(alice, pki_a, card_holders) + f"[relay]\nroutes = {{ {table} }}\n",
+                       ca=anchors, extra=inbound + smime(alice, pki_a, card_holders)
+                       + f"[relay]\nroutes = {{ {table} }}\n{plain}",
                        log_level=log_level, spool_workers=spool_workers, inbound_port=a_inbound)
     seed(a, root / "trust.xml", [DirectoryMailbox(bob, pki_b.organisation.cert),
+                                 # Any certificate of its own (one mailbox per certificate): nobody encrypts to it.
+                                 *([DirectoryMailbox(plain_bob, pki_b.tls_server_cert)] if plain_bob else []),
                                  *(DirectoryMailbox(address, cert) for address, cert in mailboxes)])
     # B's directory knows alice (for MDNs) and the card holders with their RPPS numbers.
     seed(b, root / "trust.xml", [DirectoryMailbox(alice, pki_a.organisation.cert),
                                  *(DirectoryMailbox(p.email, p.auth_cert, p.rpps, p.surname, p.given_name)
                                    for p in card_holders)])
-    return TwoGateways(root, pki_a, pki_b, a, b, alice, bob)
+    return TwoGateways(root, pki_a, pki_b, a, b, alice, bob, plain_bob)
 
 
 def seed(gw: GatewayProcess, trust_list: Path, mailboxes: Sequence[DirectoryMailbox]) -> None:

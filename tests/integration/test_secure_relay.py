@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from tests.integration.gateway_support import A, B, GatewayProcess, dev_pkis, free_port, short_tmpdir, two_gateways
 
 C = "c.mssante.test"
+PLAIN = "plain.b.mssante.test"  # B's second domain, which A's configuration names in relay.plain_domains
 MARKER = "Compte rendu confidentiel 7f3a9c"
 
 
@@ -59,6 +60,7 @@ class World:
     alice: str
     bob: str
     capture: Capture
+    plain_bob: str
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +78,11 @@ def world(dovecot_binary: Path) -> Iterator[World]:
     # C's certificates are others of PKI B's (nobody decrypts there).
     gws = two_gateways(root, pki_a, pki_b, routes={C: f"[127.0.0.1]:{capture_port}"},
                        mailboxes=[(f"secretariat@{C}", pki_b.practitioners[0].auth_cert),
-                                  (f"refused@{C}", pki_b.practitioners[1].auth_cert)])
+                                  (f"refused@{C}", pki_b.practitioners[1].auth_cert)], plain_domain=PLAIN)
     gws.start()
+    assert gws.plain_bob is not None
     try:
-        yield World(gws.a, gws.b, gws.alice, gws.bob, capture)
+        yield World(gws.a, gws.b, gws.alice, gws.bob, capture, gws.plain_bob)
     finally:
         gws.stop()
         for name, gw in (("A", gws.a), ("B", gws.b)):
@@ -194,3 +197,20 @@ def test_a_requested_mdn_comes_back_signed_and_encrypted(world: World) -> None:
     assert report.get_param("report-type") == "disposition-notification"
     status = next(p for p in report.walk() if p.get_content_type() == "message/disposition-notification")
     assert b"automatic-action/MDN-sent-automatically; processed" in status.as_bytes()
+
+
+def test_plain_relay_only_to_the_domains_configured_for_it(world: World) -> None:
+    """relay.plain_domains: mail for B's second domain leaves A neither signed nor encrypted (B marks it
+    unsigned), in the same run as bob's, which is signed, encrypted and verified; the default is S/MIME."""
+    with world.a.smtp(world.alice) as s:
+        assert s.sendmail(world.alice, [world.plain_bob], letter(world.alice, world.plain_bob, "En clair")) == {}
+        assert s.sendmail(world.alice, [world.bob], letter(world.alice, world.bob, "Chiffre")) == {}
+    [plain] = wait_for_mail(world.b, world.plain_bob)
+    security = email.message_from_bytes(plain, policy=email.policy.default)["MSSGW-Security"]
+    assert security.startswith("unsigned"), security
+    assert MARKER.encode() in plain
+    deadline = time.monotonic() + 30
+    while not (secure := [m for m in wait_for_mail(world.b, world.bob) if b"Subject: Chiffre" in m]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert email.message_from_bytes(secure[0], policy=email.policy.default)["MSSGW-Security"].startswith("verified")
