@@ -105,7 +105,7 @@ def wait_for_mail(gw: GatewayProcess, user: str, timeout: float = 30) -> list[by
             c.select("INBOX")
             _, data = c.search(None, "ALL")
             if data[0].split() or time.monotonic() > deadline:
-                return [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index]
+                return [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index,misc]
             time.sleep(0.2)
 
 
