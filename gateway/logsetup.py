@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,10 +35,19 @@ class _JsonFormatter(logging.Formatter):
         }, ensure_ascii=False)
 
 
+def _private_log_file(path: Path) -> None:
+    """Logs name addresses, hosts and queue ids (never bodies or secrets): the gateway's user's only, 0600, even
+    when the command runs under a wider umask (the gateway sets 077 only once it serves)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+
+
 def setup_logging(cfg: LoggingConfig) -> None:
     handler: logging.Handler
     if cfg.file is not None:
-        Path(cfg.file).parent.mkdir(parents=True, exist_ok=True)
+        _private_log_file(Path(cfg.file))
         handler = logging.FileHandler(cfg.file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
