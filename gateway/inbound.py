@@ -31,6 +31,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from config.schema import GatewayConfig, Listener, TLSConfig
 from gateway.accounts import AccountStore
@@ -105,8 +106,25 @@ def peer_certificate_host(session: Session) -> str | None:
     return next((name.lower() for name in names if _HOST_NAME.match(name)), None)
 
 
-_SEPARATOR_SPACE = re.compile(r"\s*(?<!\\)([,+])\s*")
-"""White space around an unescaped RDN (`,`) or attribute (`+`) separator."""
+_DN_SEPARATOR = re.compile(r"\s*(?<!\\)([,+])\s*")
+"""An unescaped RDN (`,`) or attribute (`+`) separator, with any white space around it."""
+
+_DN_NAMES = {"SN": NameOID.SURNAME, "SURNAME": NameOID.SURNAME, "GN": NameOID.GIVEN_NAME,
+             "GIVENNAME": NameOID.GIVEN_NAME, "TITLE": NameOID.TITLE, "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+             "E": NameOID.EMAIL_ADDRESS, "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
+             "ORGANIZATIONIDENTIFIER": NameOID.ORGANIZATION_IDENTIFIER}
+"""Attribute type names that certificates of the trust space use beyond RFC 4514 §3's short list."""
+
+
+def _parse_dn(dn: str) -> x509.Name:
+    """A DN string as the list or a person writes it: white space around separators and the attribute type
+    names' case do not matter (RFC 4512 §1.4: descriptors are case-insensitive). ValueError if unreadable."""
+    pieces = _DN_SEPARATOR.split(dn.strip())
+    for i in range(0, len(pieces), 2):  # the odd ones are the separators split() keeps
+        kind, eq, value = pieces[i].partition("=")
+        if eq:
+            pieces[i] = f"{kind.strip().upper()}={value.lstrip()}"
+    return x509.Name.from_rfc4514_string("".join(pieces), _DN_NAMES)
 
 
 def _comparable(name: x509.Name) -> list[frozenset[tuple[str, str]]]:
@@ -121,10 +139,10 @@ def subject_matches_dn(cert: x509.Certificate, dn: str) -> bool:
 
     The list writes DNs as strings (`CN=…,OU=…,O=…,ST=…,C=FR`, RFC 4514 order, most specific first); a
     string in the opposite order (`C=FR,…,CN=…`, as OpenSSL prints) is accepted too, since both name the
-    same sequence of RDNs, and so is white space after the separators (`C=FR, ST=…`), which RFC 4514 does
-    not write but hand-made lists do. A DN that cannot be parsed raises ValueError.
+    same sequence of RDNs, and so are white space after the separators (`C=FR, ST=…`) and lower-case type
+    names, which RFC 4514 does not write but hand-made lists do. A DN that cannot be read raises ValueError.
     """
-    listed = _comparable(x509.Name.from_rfc4514_string(_SEPARATOR_SPACE.sub(r"\1", dn.strip())))
+    listed = _comparable(_parse_dn(dn))
     subject = _comparable(cert.subject)
     return subject in (listed, listed[::-1])
 
