@@ -49,6 +49,17 @@ class RowRejected(DirectoryError):
         super().__init__(reason)
 
 
+class ArchiveRefused(DirectoryError):
+    """A ZIP of extracts that is damaged, encrypted, or inflates past the configured limits (a zip bomb)."""
+
+    def __init__(self, path: Path | str, member: str | None, reason: str) -> None:
+        self.path = str(path)
+        self.member = member
+        self.reason = reason
+        where = f"{self.path}!{member}" if member else self.path
+        super().__init__(f"{where}: archive refused: {reason}")
+
+
 class InvalidCertificate(DirectoryError):
     """A certificate offered to the directory that cannot be stored (not DER X.509, no owner, ...)."""
 

@@ -14,17 +14,33 @@ import io
 import logging
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, Self
 
-from directory_sync.errors import UnknownExtract
+from directory_sync.errors import ArchiveRefused, UnknownExtract
 
 log = logging.getLogger(__name__)
 
 SEPARATOR = "|"
 MAX_REPORTED_MALFORMED = 1000
+MAX_HEADER_BYTES = 64 * 1024  # the longest known header is under 2 KB
+
+
+@dataclass(frozen=True, slots=True)
+class ZipLimits:
+    """What one member of an extracts ZIP may inflate to. The MSSanté extract inflates 4.4 times
+    (mssante.md §2.2) and text rarely beyond 20; a zip bomb inflates a thousand times and more."""
+
+    max_member_bytes: int = 8 * 1024 ** 3
+    max_ratio: int = 100
+
+
+DEFAULT_ZIP_LIMITS = ZipLimits()
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError,
+                    RuntimeError, ValueError, OSError)
 
 
 class ExtractKind(enum.Enum):
@@ -140,6 +156,7 @@ class ExtractSource:
     path: Path
     member: str | None
     size: int
+    limits: ZipLimits = DEFAULT_ZIP_LIMITS
 
     @property
     def name(self) -> str:
@@ -148,16 +165,72 @@ class ExtractSource:
     def open(self) -> BinaryIO:
         if self.member is None:
             return self.path.open("rb")
-        archive = zipfile.ZipFile(self.path)
-        stream = archive.open(self.member)
-        return _ClosingStream(stream, archive)
+        try:
+            archive = zipfile.ZipFile(self.path)
+        except _ZIP_READ_ERRORS as exc:
+            raise ArchiveRefused(self.path, None, f"{type(exc).__name__}: {exc}") from None
+        try:
+            info = archive.getinfo(self.member)
+            check_member(self.path, info, self.limits)
+            stream = archive.open(info)
+        except BaseException as exc:
+            archive.close()
+            if isinstance(exc, _ZIP_READ_ERRORS + (KeyError,)):
+                raise ArchiveRefused(self.path, self.member, f"{type(exc).__name__}: {exc}") from None
+            raise
+        return _ClosingStream(_GuardedMember(stream, self), archive)
+
+
+def check_member(path: Path, info: zipfile.ZipInfo, limits: ZipLimits) -> None:
+    """Refuse an encrypted member, an unknown compression, or one whose declared size or ratio is past `limits`.
+
+    zipfile stops inflating at the declared size (ZipExtFile), so the declared size bounds what is read.
+    """
+    if info.flag_bits & 0x1:
+        raise ArchiveRefused(path, info.filename, "the member is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ArchiveRefused(path, info.filename, f"compression method {info.compress_type} is not accepted")
+    if info.file_size > limits.max_member_bytes:
+        raise ArchiveRefused(path, info.filename,
+                             f"inflates to {info.file_size} bytes, the limit is {limits.max_member_bytes}")
+    if info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        raise ArchiveRefused(path, info.filename, f"inflates {info.file_size} bytes from {info.compress_size}, "
+                                                  f"more than {limits.max_ratio} times (a zip bomb)")
+
+
+class _GuardedMember(io.RawIOBase):
+    """A ZIP member read as raw bytes, a damaged member (bad deflate data, CRC, truncation) an ArchiveRefused.
+
+    Called once per buffer fill (1 MiB), not per line.
+    """
+
+    def __init__(self, member: IO[bytes], source: ExtractSource) -> None:
+        self._member = member
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._member.read(len(buffer))
+        except _ZIP_READ_ERRORS as exc:
+            raise ArchiveRefused(self._source.path, self._source.member, f"{type(exc).__name__}: {exc}") from None
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._member.close()
+        finally:
+            super().close()
 
 
 class _ClosingStream(io.BufferedReader):
     """A ZIP member stream that closes its archive with it."""
 
-    def __init__(self, raw: IO[bytes], archive: zipfile.ZipFile) -> None:
-        super().__init__(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
+    def __init__(self, raw: io.RawIOBase, archive: zipfile.ZipFile) -> None:
+        super().__init__(raw, buffer_size=1 << 20)
         self._archive = archive
 
     def close(self) -> None:
@@ -167,17 +240,23 @@ class _ClosingStream(io.BufferedReader):
             self._archive.close()
 
 
-def sources(path: Path | str) -> list[ExtractSource]:
-    """The extract files in a path: the file itself, or each `.txt`/`.csv` member of a ZIP."""
+def sources(path: Path | str, zip_limits: ZipLimits = DEFAULT_ZIP_LIMITS) -> list[ExtractSource]:
+    """The extract files in a path: the file itself, or each `.txt`/`.csv` member of a ZIP.
+
+    A damaged or encrypted ZIP, or a member past `zip_limits`, is refused (`ArchiveRefused`) before any is read.
+    """
     p = Path(path)
-    if zipfile.is_zipfile(p):
+    if not zipfile.is_zipfile(p):
+        return [ExtractSource(p, None, p.stat().st_size)]
+    try:
         with zipfile.ZipFile(p) as archive:
-            return [
-                ExtractSource(p, info.filename, info.file_size)
-                for info in archive.infolist()
-                if not info.is_dir() and info.filename.lower().endswith((".txt", ".csv"))
-            ]
-    return [ExtractSource(p, None, p.stat().st_size)]
+            members = [info for info in archive.infolist()
+                       if not info.is_dir() and info.filename.lower().endswith((".txt", ".csv"))]
+    except _ZIP_READ_ERRORS as exc:
+        raise ArchiveRefused(p, None, f"{type(exc).__name__}: {exc}") from None
+    for info in members:
+        check_member(p, info, zip_limits)
+    return [ExtractSource(p, info.filename, info.file_size, zip_limits) for info in members]
 
 
 class ExtractReader:
@@ -190,7 +269,11 @@ class ExtractReader:
     def __init__(self, source: ExtractSource) -> None:
         self.source = source
         self._stream = source.open()
-        first = self._stream.readline()
+        try:
+            first = self._stream.readline(MAX_HEADER_BYTES)
+        except BaseException:
+            self._stream.close()
+            raise
         self.stats = ReadStats(bytes_read=len(first))
         text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
         names = text.split(SEPARATOR)
