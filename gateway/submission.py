@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException, syntax
 
 from config.schema import GatewayConfig
 from directory_sync.errors import DirectoryError
@@ -231,6 +231,9 @@ class SubmissionHandler:
                                                session.auth_data))
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection itself
+            log.warning("TLS handshake with the client failed: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS negotiation failed"
         return session_error_reply(error)
 
 
