@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import time
@@ -24,6 +25,7 @@ from collections import deque
 from pathlib import Path
 
 from config.schema import GatewayConfig
+from gateway.auth_throttle import AuthThrottle
 from gateway.dovecot_config import (
     CONF_NAME,
     SQL_CONF_NAME,
@@ -49,6 +51,9 @@ _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 60.0
 _RELAY_CHUNK = 64 * 1024
 _LOG_TAIL = 20
+# Dovecot's auth process, with auth_verbose, logs each failed password check as `driver(user,rip,<session>): ...`.
+# The user name there passed auth_username_chars (no comma nor parenthesis), and rip came from our PROXY header.
+_AUTH_FAILURE = re.compile(r": \w+\(([^,()]*),([0-9A-Fa-f:.]+),<[^>]*>\): (?:Password mismatch|unknown user)")
 
 
 class DovecotStartError(DovecotError):
@@ -70,18 +75,30 @@ class DovecotNotReady(DovecotError):
         super().__init__(f"Dovecot was not ready after {timeout:.0f} s" + (f": {log_tail[-1]}" if log_tail else ""))
 
 
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A socket address's IP, without its zone, an IPv4-mapped IPv6 address as the IPv4 one."""
+    ip = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _proxy_header(peer: tuple[str, int], local: tuple[str, int]) -> bytes:
     """PROXY protocol v1 line (haproxy.org proxy-protocol.txt §2.1) with the client's real addresses."""
-    src = ipaddress.ip_address(peer[0].split("%")[0])
-    dst = ipaddress.ip_address(local[0].split("%")[0])
-    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped is not None:
-        src = src.ipv4_mapped
-    if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped is not None:
-        dst = dst.ipv4_mapped
+    src = _ip(peer[0])
+    dst = _ip(local[0])
     if src.version != dst.version:
         return b"PROXY UNKNOWN\r\n"
     family = "TCP4" if src.version == 4 else "TCP6"
     return f"PROXY {family} {src} {dst} {peer[1]} {local[1]}\r\n".encode("ascii")
+
+
+async def _refuse(writer: asyncio.StreamWriter, bye: bytes) -> None:
+    """Answer with an untagged BYE (RFC 9051 §7.1.5) and close, without waiting long for a client that does not read."""
+    with contextlib.suppress(OSError, TimeoutError):
+        writer.write(bye)
+        await asyncio.wait_for(writer.drain(), 5)
+    writer.close()
 
 
 def _alive(pid: int) -> bool:
@@ -121,6 +138,8 @@ class DovecotSupervisor:
         self._log_tail: deque[str] = deque(maxlen=_LOG_TAIL)
         self._backend_port = 0
         self._imap_address: tuple[str, int] | None = None
+        self._per_address: dict[str, int] = {}
+        self._throttle = AuthThrottle(cfg.limits)
 
     @property
     def conf_path(self) -> Path:
@@ -282,6 +301,8 @@ class DovecotSupervisor:
             elif any(f": {w}: " in text for w in ("Error", "Fatal", "Panic")):
                 level = logging.ERROR
             log.log(level, "dovecot: %s", text)
+            if failure := _AUTH_FAILURE.search(text):
+                self._throttle.failed(failure.group(2), failure.group(1))
 
     async def _probe_until_ready(self, proc: asyncio.subprocess.Process) -> None:
         while proc.returncode is None:
@@ -355,17 +376,51 @@ class DovecotSupervisor:
             w.close()
             await asyncio.sleep(0.1)
 
+    @property
+    def connections(self) -> int:
+        """IMAP connections the relay carries now."""
+        return len(self._relayed)
+
     async def _relay_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._relayed.add(task)
         conn_id.set(f"imap-{secrets.token_hex(4)}")  # this task's own context: every line of the connection has it
+        address = str(_ip(writer.get_extra_info("peername")[0]))
+        refusal = self._over_limit(address)
+        if refusal is not None:
+            log.warning("IMAP client %s refused: %s", address, refusal)
+            await _refuse(writer, f"* BYE [LIMIT] {refusal}, try again later\r\n".encode())
+            return
+        self._relayed.add(task)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             await self._splice(reader, writer)
         except asyncio.CancelledError:
             writer.close()  # stop() ends the connections in flight; nothing to report
         finally:
             self._relayed.discard(task)
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
+
+    def _over_limit(self, address: str) -> str | None:
+        """Why a new connection from `address` is refused (mailboxes.limits), or None.
+
+        The relay counts before Dovecot sees anything: one address cannot take every login process, and the total
+        stays under Dovecot's process limit, so a client over it gets an answer instead of a connection left hanging.
+        An address with too many failed logins (`limits.auth_address_failures` within `auth_address_lockout`, the
+        same rule as SMTP AUTH; counted from Dovecot's auth log) is refused until the oldest failure ages out: the
+        penalty alone slows each try but not tries made in parallel over many connections.
+        """
+        lim = self.cfg.mailboxes.limits
+        if len(self._relayed) >= lim.max_connections:
+            return "Too many connections"
+        if self._per_address.get(address, 0) >= lim.max_connections_per_ip:
+            return "Too many connections from your address"
+        # The login is not known yet (it comes inside TLS): only the lock on the address can apply here.
+        if self._throttle.refusal(address, "") is not None:
+            return "Too many failed logins from your address"
+        return None
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end.
@@ -379,10 +434,7 @@ class DovecotSupervisor:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self._backend_port)
         except OSError as exc:
             log.warning("IMAP client %s refused: Dovecot is not answering (%s)", peer[0], exc)
-            with contextlib.suppress(OSError):
-                writer.write(b"* BYE [UNAVAILABLE] The mailbox service is restarting, try again shortly\r\n")
-                await writer.drain()
-            writer.close()
+            await _refuse(writer, b"* BYE [UNAVAILABLE] The mailbox service is restarting, try again shortly\r\n")
             return
         up_w.write(_proxy_header((peer[0], peer[1]), (local[0], local[1])))
 

@@ -20,13 +20,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from config.loader import read_secret
-from config.schema import GatewayConfig
+from config.schema import GatewayConfig, ImapLimitsConfig
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 CONF_NAME = "mssgw-dovecot.conf"  # not dovecot.conf: Dovecot makes that a symlink to the file it runs
 SQL_CONF_NAME = "dovecot-sql.conf.ext"
+# Login and mail processes beyond mailboxes.limits.max_connections: the supervisor's readiness probe, and a margin
+# so that the relay's own limit is the one clients meet (its `* BYE`, not a connection left hanging in Dovecot).
+_SPARE_LOGINS = 4
 
 
 class DovecotError(GatewayError):
@@ -97,6 +100,7 @@ def render_config(cfg: GatewayConfig, *, backend_port: int | None = None) -> str
     `base_dir`; the only client-facing listener is the gateway's relay on `imap.host:imap.port`.
     """
     mb = cfg.mailboxes
+    lim = _checked_limits(mb.limits)
     base = mb.base_dir
     port = free_loopback_port() if backend_port is None else backend_port
     try:
@@ -126,10 +130,18 @@ ssl_min_protocol = {cfg.tls.min_version}
 ssl_prefer_server_ciphers = yes
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
-auth_failure_delay = 2 secs
-# The authentication penalty (anvil) stays on; it sees each client's real address through the PROXY header.
 auth_username_format = %Lu
+auth_verbose = yes
+auth_verbose_passwords = no
+
+# Brute force: every failed login is answered after auth_failure_delay, and the authentication penalty (anvil)
+# slows each client address further, up to 15 s a try. It sees the real address through the relay's PROXY header.
+# No network is trusted: a trusted client could name another address (ID x-originating-ip) and skip the penalty.
+auth_failure_delay = {lim.auth_failure_delay} secs
 haproxy_trusted_networks = 127.0.0.1
+login_trusted_networks =
+login_greeting = {_dq(cfg.hostname + ' IMAP ready.')}
+imap_id_send =
 
 # Accounts: the gateway's SQL table; argon2id hashes as argon2-cffi writes them (no {{SCHEME}} prefix).
 passdb {{
@@ -149,7 +161,31 @@ mail_gid = {mb.mail_user}
 lda_mailbox_autocreate = yes
 lmtp_save_to_detail_mailbox = no
 
+# One user, one private namespace: no shared or public namespace, no ACL, no METADATA, no URLAUTH, no path outside
+# the user's own Maildir (mailbox names with '/', '~' or a leading separator are refused), no extra groups.
+mail_full_filesystem_access = no
+mail_privileged_group =
+mail_access_groups =
+mail_chroot =
+imap_metadata = no
+imap_urlauth_host =
+namespace inbox {{
+  type = private
+  separator = .
+  prefix =
+  inbox = yes
+}}
+
+# Hostile input: long command lines are refused, and APPEND is capped at the message size limit (quota plugin,
+# IMAP only: LMTP delivery is already bounded by the gateway).
+imap_max_line_length = {lim.max_line_length}
+imap_hibernate_timeout = 0
+mail_max_userip_connections = {lim.max_userip_connections}
+default_client_limit = {max(1000, 2 * lim.max_connections + 100)}
+
 service imap-login {{
+  service_count = 1
+  process_limit = {lim.max_connections + _SPARE_LOGINS}
   inet_listener imap {{
     address = 127.0.0.1
     port = {port}
@@ -184,11 +220,31 @@ service managesieve-login {{
     port = 0
   }}
 }}
+service imap {{
+  process_limit = {lim.max_connections + _SPARE_LOGINS}
+}}
 protocol imap {{
-  mail_max_userip_connections = 20
+  mail_plugins = $mail_plugins quota
+}}
+plugin {{
+  quota = count:Mailbox
+  quota_vsizes = yes
+  quota_max_mail_size = {cfg.limits.max_message_size}
 }}
 """
     return lines
+
+
+def _checked_limits(lim: ImapLimitsConfig) -> ImapLimitsConfig:
+    """Refuse limits that would leave IMAP unusable or that Dovecot cannot express."""
+    key = "mailboxes.limits"
+    if lim.max_connections < 1 or lim.max_connections_per_ip < 1:
+        raise DovecotConfigError(key, "max_connections and max_connections_per_ip must be at least 1")
+    if lim.max_userip_connections < 1:
+        raise DovecotConfigError(f"{key}.max_userip_connections", "must be at least 1")
+    if lim.max_line_length < 8192:
+        raise DovecotConfigError(f"{key}.max_line_length", "must be at least 8192 bytes (RFC 7162 §4)")
+    return lim
 
 
 def _include_path(path: Path) -> str:
