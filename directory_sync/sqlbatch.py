@@ -28,8 +28,9 @@ class Batches:
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, row: tuple[Any, ...]) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= BATCH:
+        rows = self.rows
+        rows.append(row)
+        if len(rows) >= BATCH:
             self.flush()
 
     def flush(self) -> None:
@@ -39,12 +40,17 @@ class Batches:
 
 
 class CopyBatches(Batches):
-    """PostgreSQL: the same rows sent with COPY, which is several times faster than INSERT."""
+    """PostgreSQL: the same rows sent with COPY, which is several times faster than INSERT.
 
-    def __init__(self, conn: Connection, table: str, columns: tuple[str, ...], *, numbered: bool = False) -> None:
+    `numbered` puts a sequence number in front of each row (`_seq`), `prefix` constant values.
+    """
+
+    def __init__(self, conn: Connection, table: str, columns: tuple[str, ...], *, numbered: bool = False,
+                 prefix: tuple[Any, ...] = ()) -> None:
         cols = ("_seq", *columns) if numbered else columns
         super().__init__(conn, f"COPY {table} ({', '.join(cols)}) FROM STDIN")
         self.numbered = numbered
+        self.prefix = prefix
         self.seq = 0
 
     def add(self, row: tuple[Any, ...]) -> None:
@@ -58,9 +64,10 @@ class CopyBatches(Batches):
             return
         driver = self.conn.connection.driver_connection
         assert driver is not None
+        prefix = self.prefix
         with driver.cursor() as cur, cur.copy(self.sql) as copy:
             for row in self.rows:
-                copy.write_row(row)
+                copy.write_row(prefix + row)
         self.rows = []
 
 

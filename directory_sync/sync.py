@@ -21,7 +21,9 @@ Why this shape:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
+import gc
 import hashlib
 import logging
 import time
@@ -172,6 +174,19 @@ def sync_source(
     return report
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic collector off while millions of short-lived tuples stream through (it would scan
+    every batch again and again); the rows make no cycles, so nothing is left for it afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def line_hash(raw: bytes) -> int:
     """64-bit hash of one raw line (without its line end): the unit a re-import compares."""
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
@@ -229,48 +244,64 @@ class _Run:
             self.progress(phase, self.source.size, self.source.size)
 
     def _snapshot_writer(self, conn: Connection) -> Batches:
+        """Rows (line_hash, key0, key1, key2) of this extract's snapshot; the kind is added here."""
         cols = ("kind", "line_hash", "key0", "key1", "key2")
         if conn.dialect.name == "postgresql":
-            return CopyBatches(conn, extract_line.name, cols)
-        return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) VALUES ({marks(conn, 5)})")
+            return CopyBatches(conn, extract_line.name, cols, prefix=(self.kind,))
+        # The kind is one of ExtractKind's values, written into the statement rather than bound per row.
+        return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) "
+                             f"VALUES ('{ExtractKind(self.kind).value}', {marks(conn, 4)})")
 
-    def _extracted_lines(self, phase: str, seen: list[_SeenKeys]) -> Iterator[tuple[int, bytes, list[Any]]]:
-        """Every well-formed line of the extract with its entities' (key, hash, params); malformed ones are counted
-        by the reader and `_extract`, and skipped."""
+    def _extracted_lines(
+        self, phase: str, seen: list[_SeenKeys] | None,
+    ) -> Iterator[tuple[int, bytes, list[Any], tuple[str | None, ...]]]:
+        """Every well-formed line of the extract with what `_extract` found in it; malformed ones are counted
+        (by the reader or `_extract`) and skipped."""
         reader = self.reader
+        parse = reader.parse
+        extract = self._extract
+        plan = self._plan(seen)
         for line_no, raw in self._lines(reader, phase):
-            fields = reader.parse(line_no, raw)
-            if fields is None:
-                continue
-            extracted = self._extract(line_no, fields, seen)
-            if extracted is not None:
-                yield line_no, raw, extracted
+            fields = parse(line_no, raw)
+            if fields is not None:
+                found = extract(line_no, fields, plan)
+                if found is not None:
+                    yield line_no, raw, found[0], found[1]
 
-    def _extract(self, line_no: int, fields: list[str], seen: list[_SeenKeys] | None) -> list[Any] | None:
-        """Each entity's (key, hash, params), a bare key when `seen` skipped it, or None."""
-        out: list[Any] = []
+    def _plan(self, seen: list[_SeenKeys] | None) -> list[tuple[Any, Any, _SeenKeys | None]]:
+        """Per entity: its extractor, and its raw-key reader with the keys seen so far when it has them."""
+        return [(e.extract, e.raw_key, seen[i]) if seen is not None and e.has_raw_key else (e.extract, None, None)
+                for i, e in enumerate(self.entities)]
+
+    def _extract(
+        self, line_no: int, fields: list[str], plan: list[tuple[Any, Any, _SeenKeys | None]],
+    ) -> tuple[list[Any], tuple[str | None, ...]] | None:
+        """Per entity, its (key, hash, params), or None (no such entity in the line, or a key already seen in
+        this run); and the line's keys padded to MAX_KEYS. None when the line is malformed (counted).
+        Runs once per line of a national file: kept flat on purpose."""
+        items: list[Any] = []
+        keys: list[str | None] = []
         try:
-            for i, e in enumerate(self.entities):
-                keys = seen[i] if seen is not None and e.has_raw_key else None
-                if keys is not None:
-                    raw = e.raw_key(fields)
-                    if keys.has(raw):
-                        out.append(raw)
+            for extract, raw_key, known in plan:
+                if known is not None:
+                    key = raw_key(fields)
+                    if known.has(key):
+                        items.append(None)
+                        keys.append(key)
                         continue
-                item = e.extract(fields)
-                if item is not None and keys is not None:
-                    keys.add(item[0])
-                out.append(item)
+                item = extract(fields)
+                items.append(item)
+                keys.append(None if item is None else item[0])
         except RowRejected as exc:
-            self.reader.stats.rows -= 1
-            self.reader.stats.reject(line_no, exc.reason)
+            stats = self.reader.stats
+            stats.rows -= 1
+            stats.reject(line_no, exc.reason)
             return None
-        return out
-
-    @staticmethod
-    def _keys(extracted: list[Any]) -> tuple[Any, ...]:
-        keys = [x if isinstance(x, str) or x is None else x[0] for x in extracted]
-        return (*keys, *([None] * (MAX_KEYS - len(keys))))
+        for (_, _, known), item in zip(plan, items, strict=True):
+            if known is not None and item is not None:
+                known.add(item[0])  # only once the whole line is accepted
+        keys.extend([None] * (MAX_KEYS - len(keys)))
+        return items, tuple(keys)
 
     def _check_brake(self) -> None:
         for change, e in zip(self.report.tables, self.entities, strict=True):
@@ -293,14 +324,16 @@ class _Run:
                 inserts.append(Batches(conn, insert_sql(conn, e, update=False)))
         snapshot = self._snapshot_writer(conn)
         seen = [_SeenKeys() for _ in self.entities]
-        dropped = [idx for e in self.entities for idx in e.table.indexes]
+        dropped = [*extract_line.indexes, *(idx for e in self.entities for idx in e.table.indexes)]
         for idx in dropped:
             idx.drop(conn)
-        for _, raw, extracted in self._extracted_lines("load", seen):
-            for batch, item in zip(inserts, extracted, strict=True):
-                if item is not None and not isinstance(item, str):
-                    batch.add(item[2])
-            snapshot.add((self.kind, line_hash(raw), *self._keys(extracted)))
+        adds = [batch.add for batch in inserts]
+        snap = snapshot.add
+        for _, raw, items, keys in self._extracted_lines("load", seen):
+            for add, item in zip(adds, items, strict=True):
+                if item is not None:
+                    add(item[2])
+            snap((line_hash(raw), *keys))
         for batch in (*inserts, snapshot):
             batch.flush()
         if pg:
@@ -324,6 +357,7 @@ class _Run:
         snapshot = self._snapshot_writer(conn)
         reader = self.reader
         stats = reader.stats
+        plan = self._plan(None)
         for line_no, raw in self._lines(reader, "compare"):
             h = line_hash(raw)
             i = bisect.bisect_left(prev, h)
@@ -336,13 +370,13 @@ class _Run:
             fields = reader.parse(line_no, raw)
             if fields is None:
                 continue
-            extracted = self._extract(line_no, fields, None)
-            if extracted is None:
+            found = self._extract(line_no, fields, plan)
+            if found is None:
                 continue
-            for batch, item in zip(stage, extracted, strict=True):
+            for batch, item in zip(stage, found[0], strict=True):
                 if item is not None:
                     batch.add((item[0], item[1], line_no))
-            snapshot.add((self.kind, h, *self._keys(extracted)))
+            snapshot.add((h, *found[1]))
         for batch in stage:
             batch.flush()
         self._done("compare")
@@ -407,11 +441,11 @@ class _Run:
         stage = self._create_stage(conn)
         snapshot = self._snapshot_writer(conn)
         seen = [_SeenKeys() for _ in self.entities]
-        for line_no, raw, extracted in self._extracted_lines("compare", seen):
-            for batch, item in zip(stage, extracted, strict=True):
-                if item is not None and not isinstance(item, str):
+        for line_no, raw, items, keys in self._extracted_lines("compare", seen):
+            for batch, item in zip(stage, items, strict=True):
+                if item is not None:
                     batch.add((item[0], item[1], line_no))
-            snapshot.add((self.kind, line_hash(raw), *self._keys(extracted)))
+            snapshot.add((line_hash(raw), *keys))
         for batch in (*stage, snapshot):
             batch.flush()
         self._done("compare")
