@@ -38,6 +38,7 @@ from gateway.accounts import AccountStore
 from gateway.addresses import AddressError, Mailbox, parse_mailbox
 from gateway.auth_throttle import AuthThrottle
 from gateway.logsetup import conn_id, queue_id
+from gateway.smtp_input import CommandLineError, DataReceiver, MemoryBudget, StrictLineReader
 from gateway.spool import GroupCommitter, Incoming, QueuedMessage, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -90,56 +91,13 @@ _UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$')
 
 
 class ConnectionLimiter:
-    """What the connections of one listener share: the cap on simultaneous connections, and the count of
-    message bytes they hold in memory while DATA is read (capped by `limits.max_buffered_data`)."""
+    """What the connections of one listener share: the cap on simultaneous connections, and the bytes of DATA
+    they hold in memory (capped by `limits.max_buffered_data`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self.buffered = 0
-
-
-class CommandLineError(Exception):
-    """A command line this gateway refuses before parsing it; `reply` is what the client gets."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
-
-
-_BARE_LINE_END = ("500 5.5.2 Syntax error: a command line ends with CRLF and holds no other CR or LF"
-                  " (RFC 5321 section 2.3.8)")
-
-
-class _StrictLineReader(asyncio.StreamReader):
-    """aiosmtpd reads each command up to LF (`readuntil()`, and `readline()` for AUTH answers); this reader
-    refuses a line that ends in a bare LF or holds a CR elsewhere, so that no bare CR or LF is ever taken
-    for a line end (RFC 5321 §2.3.8). DATA is read up to CRLF and its bare CR and LF are the handlers' to judge."""
-
-    _overrun = False
-    """The line being read is already too long (aiosmtpd drains it, then answers `500`)."""
-
-    async def readuntil(self, separator: Any = b"\n") -> bytes:
-        try:
-            line = await super().readuntil(separator)
-        except asyncio.LimitOverrunError:
-            self._overrun = True
-            raise
-        overrun, self._overrun = self._overrun, False
-        if separator == b"\n" and not overrun and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
-            raise CommandLineError(_BARE_LINE_END)
-        return line
-
-    def pending(self) -> int:
-        """Bytes received and not read yet (what a client sent ahead of our reply)."""
-        return len(self._buffer)  # type: ignore[attr-defined]
-
-    def discard(self) -> int:
-        """Drop what was received and not read; the count of bytes dropped."""
-        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
-        count = len(buffer)
-        buffer.clear()
-        return count
+        self.memory = MemoryBudget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +331,7 @@ class GatewaySMTP(SMTP):
             command_call_limit=_COMMAND_CALL_LIMITS,
             **options,
         )
-        reader = _StrictLineReader(limit=self.line_length_limit, loop=self.loop)
+        reader = StrictLineReader(limit=self.line_length_limit, loop=self.loop)
         self._stream_reader_wr = weakref.ref(reader)  # asyncio's StreamReaderProtocol reads into this one
         self._strong_reader = reader
         self._line_reader = reader
@@ -486,68 +444,22 @@ class GatewaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        buffer = bytearray()
+        receiver = DataReceiver(self._line_reader, self._limits, self._limiter.memory, self._reset_timeout,
+                                self.loop.time)
         try:
-            refusal = await self._read_data(buffer)
+            content = await receiver.receive()
             self._reset_timeout()
-            if refusal is not None:
+            if isinstance(content, str):
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
-                await self.push(refusal)
+                await self.push(content)
                 return
-            content = bytes(buffer)
-            buffer.clear()
             self.envelope.content = self.envelope.original_content = content
+            del content
             status = await self._call_handler_hook("DATA")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("250 OK" if status is MISSING else status)
         finally:
-            self._limiter.buffered -= self._held
-            self._held = 0
-
-    _held = 0
-    """Bytes of this connection's DATA counted in the listener's memory budget."""
-
-    async def _read_data(self, buffer: bytearray) -> str | None:
-        """Lines up to the lone dot, dot-stuffing undone (RFC 5321 §4.5.2), into `buffer`; the refusal or None.
-
-        Once a limit is passed the buffer is emptied and the rest is read and dropped: memory stays within
-        the size limit plus one read, however much the client sends (RFC 5321 §4.2.5: answer after the dot).
-        """
-        limits, reader = self._limits, self._line_reader
-        deadline = self.loop.time() + limits.max_data_duration
-        refusal: str | None = None
-        size = 0
-        at_line_start = True
-        while True:
-            self._reset_timeout(max(0.01, min(limits.data_timeout, deadline - self.loop.time())))
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:  # a line longer than RFC 5321 §4.5.3.1.6 allows
-                size += len(await reader.read(exc.consumed))
-                at_line_start = False
-                refusal = refusal or "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
-                self._drop(buffer)
-                continue
-            if at_line_start and line == b".\r\n":
-                return refusal
-            at_line_start = True
-            size += len(line)
-            if refusal is None and size > limits.max_message_size:
-                refusal = f"552 5.3.4 Message too big: the limit is {limits.max_message_size} bytes"
-            elif refusal is None and self._limiter.buffered + len(line) > limits.max_buffered_data:
-                log.warning("DATA refused: the listener holds %d bytes of mail in memory", self._limiter.buffered)
-                refusal = "452 4.3.1 The gateway is receiving too much mail right now, please try again later"
-            if refusal is not None:
-                self._drop(buffer)
-                continue
-            buffer += line[1:] if line.startswith(b".") else line
-            self._limiter.buffered += len(line)
-            self._held += len(line)
-
-    def _drop(self, buffer: bytearray) -> None:
-        buffer.clear()
-        self._limiter.buffered -= self._held
-        self._held = 0
+            receiver.release()
 
 
 class SubmissionSMTP(GatewaySMTP):

@@ -44,6 +44,9 @@ auth_address_failures = 4
 auth_address_lockout = 120
 auth_account_failures = 3
 auth_account_lockout = 5
+max_buffered_data = 1572864
+[inbound]
+listen = {{ host = "127.0.0.1", port = INBOUND_PORT }}
 """
 
 
@@ -87,9 +90,10 @@ def tls_context(gw: GatewayProcess) -> ssl.SSLContext:
 class Raw:
     """A line-level SMTP client over a socket, for what smtplib refuses to send."""
 
-    def __init__(self, gw: GatewayProcess, source: str = "127.0.0.1", greet: bool = True) -> None:
+    def __init__(self, gw: GatewayProcess, source: str = "127.0.0.1", greet: bool = True,
+                 port: int | None = None) -> None:
         self.gw = gw
-        self.sock: socket.socket = socket.create_connection(("127.0.0.1", gw.smtp_port), timeout=30,
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port or gw.smtp_port), timeout=30,
                                                             source_address=(source, 0))
         self.buf = b""
         if greet:
@@ -205,9 +209,17 @@ def test_smuggled_end_of_data_is_never_taken_for_one(gw: GatewayProcess, end: by
     assert not [s for s in subjects if tag.encode() in s and b"marker" not in s]
 
 
+def listener_port(gw: GatewayProcess, listener: str) -> int:
+    return gw.smtp_port if listener == "submission" else gw.inbound_port
+
+
+LISTENERS = ["submission", "inbound"]
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
 @pytest.mark.parametrize("line", [b"NOOP\n", b"EHLO x\n", b"NOOP\rRSET\r\n", b"EHLO a\rb\r\n"])
-def test_bare_cr_or_lf_in_a_command_is_refused(gw: GatewayProcess, line: bytes) -> None:
-    c = Raw(gw)
+def test_bare_cr_or_lf_in_a_command_is_refused(gw: GatewayProcess, line: bytes, listener: str) -> None:
+    c = Raw(gw, port=listener_port(gw, listener))
     c.send(line)
     assert c.reply() == (b"500 5.5.2 Syntax error: a command line ends with CRLF and holds no other CR or LF"
                          b" (RFC 5321 section 2.3.8)")
@@ -227,8 +239,9 @@ def test_bare_lf_after_auth_cannot_inject_commands(gw: GatewayProcess) -> None:
 # --- Overlong lines and commands
 
 
-def test_overlong_commands_are_refused_and_the_session_goes_on(gw: GatewayProcess) -> None:
-    c = Raw(gw)
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_overlong_commands_are_refused_and_the_session_goes_on(gw: GatewayProcess, listener: str) -> None:
+    c = Raw(gw, port=listener_port(gw, listener))
     assert c.cmd(b"NOOP " + b"x" * 600) == b"500 5.5.2 Command line too long"  # RFC 5321 §4.5.3.1.4: 512
     assert c.cmd(b"EHLO " + b"a" * 100_000) == b"500 5.5.2 Command line too long"
     assert c.cmd(b"EHLO ok.test") == b"250 HELP"
@@ -247,17 +260,19 @@ def test_an_overlong_data_line_is_refused(gw: GatewayProcess) -> None:
 # --- Pipelining abuse
 
 
-def test_talking_before_the_greeting_is_refused(gw: GatewayProcess) -> None:
-    c = Raw(gw, greet=False)
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_talking_before_the_greeting_is_refused(gw: GatewayProcess, listener: str) -> None:
+    c = Raw(gw, greet=False, port=listener_port(gw, listener))
     c.send(b"EHLO eager.test\r\nMAIL FROM:<a@b.test>\r\n")
     assert c.reply() == b"554 5.5.0 Protocol error: commands sent before the greeting (RFC 5321 section 3.1)"
     assert c.reply() == b""  # closed, nothing else answered
     c.close()
 
 
-def test_commands_pipelined_after_starttls_are_refused(gw: GatewayProcess) -> None:
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_commands_pipelined_after_starttls_are_refused(gw: GatewayProcess, listener: str) -> None:
     """CVE-2011-0411: plaintext commands in the same write as STARTTLS must not run after TLS starts."""
-    c = Raw(gw)
+    c = Raw(gw, port=listener_port(gw, listener))
     assert c.cmd(b"EHLO hostile.test").startswith(b"250 ")
     c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<" + ALICE.encode() + b">\r\n")
     assert c.reply() == b"554 5.5.0 Commands sent after STARTTLS in plaintext are refused (RFC 3207 section 4.2)"
@@ -298,6 +313,29 @@ def test_too_many_errors_disconnect(gw: GatewayProcess) -> None:
     assert c.cmd(b"DATA").startswith(b"503 ")
     assert c.reply() == b"421 4.7.0 Too many errors on this connection, closing it"
     assert c.closed()
+
+
+def test_the_listener_memory_budget(gw: GatewayProcess) -> None:
+    """Two DATAs at once may not hold more than max_buffered_data (1.5 MB) together: the second gets 452 4.3.1,
+    and succeeds once the first is done."""
+    body = (b"b" * 998 + b"\r\n") * 900
+    second = smtp(gw)
+    second.mail(ALICE)
+    second.rcpt(BOB)
+    with smtp(gw) as first:
+        first.mail(ALICE)
+        first.rcpt(BOB)
+        assert first.docmd("DATA")[0] == 354
+        first.sock.sendall(message("first of two") + body)  # held by the server, no final dot yet
+        time.sleep(0.3)
+        assert second.data(message("second of two") + body) == (
+            452, b"4.3.1 The gateway is receiving too much mail right now, please try again later")
+        first.sock.sendall(b".\r\n")
+        assert first.getreply()[0] == 250
+    second.mail(ALICE)
+    second.rcpt(BOB)
+    assert second.data(message("second of two") + body)[0] == 250
+    second.quit()
 
 
 # --- Slow clients
