@@ -40,6 +40,7 @@ from gateway.dovecot_config import (
     render_sql_config,
     write_private,
 )
+from gateway.imap_starttls import StartTlsGuard
 from gateway.logsetup import conn_id
 
 log = logging.getLogger(__name__)
@@ -423,7 +424,8 @@ class DovecotSupervisor:
         return None
 
     async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end.
+        """Copy bytes both ways between an IMAP client and Dovecot, after the PROXY header. TLS stays end to end;
+        before it, what a client sends after STARTTLS and before Dovecot's answer is discarded (gateway.imap_starttls).
 
         IMAP has no use for half-closed connections: when either side ends, what it sent has been passed on (a
         server's BYE included), and both connections are closed.
@@ -437,14 +439,26 @@ class DovecotSupervisor:
             await _refuse(writer, b"* BYE [UNAVAILABLE] The mailbox service is restarting, try again shortly\r\n")
             return
         up_w.write(_proxy_header((peer[0], peer[1]), (local[0], local[1])))
+        guard = StartTlsGuard()
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def from_client() -> None:
             with contextlib.suppress(OSError):
-                while data := await src.read(_RELAY_CHUNK):
-                    dst.write(data)
-                    await dst.drain()
+                while data := await reader.read(_RELAY_CHUNK):
+                    discarded = guard.discarded
+                    if data := guard.from_client(data):
+                        up_w.write(data)
+                        await up_w.drain()
+                    if discarded == 0 and guard.discarded:  # said once per connection
+                        log.warning("IMAP client %s sent bytes before STARTTLS was answered; discarded", peer[0])
 
-        tasks = [asyncio.create_task(pipe(reader, up_w)), asyncio.create_task(pipe(up_r, writer))]
+        async def from_server() -> None:
+            with contextlib.suppress(OSError):
+                while data := await up_r.read(_RELAY_CHUNK):
+                    guard.from_server(data)  # before the client sees a tagged OK, the relay knows TLS begins
+                    writer.write(data)
+                    await writer.drain()
+
+        tasks = [asyncio.create_task(from_client()), asyncio.create_task(from_server())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
