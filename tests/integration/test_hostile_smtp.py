@@ -368,6 +368,22 @@ def test_a_command_dribbled_slowly_times_out(gw: GatewayProcess) -> None:
     assert 3 < took < 30  # idle_timeout = 4
 
 
+def test_a_stalled_tls_handshake_times_out(gw: GatewayProcess) -> None:
+    c = Raw(gw)
+    assert c.cmd(b"EHLO hostile.test").startswith(b"250 ")
+    assert c.cmd(b"STARTTLS").startswith(b"220 ")
+    start = time.monotonic()
+    c.send(client_hello_start())  # the first bytes of a ClientHello, then nothing
+    assert c.sock.recv(100) == b""
+    assert 3 < time.monotonic() - start < 30  # idle_timeout = 4
+    with smtp(gw) as s:
+        assert s.noop()[0] == 250
+
+
+def client_hello_start() -> bytes:
+    return b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+
 def test_data_stalls_time_out(gw: GatewayProcess) -> None:
     c = Raw(gw)
     c.login()
