@@ -131,6 +131,8 @@ ssl_prefer_server_ciphers = yes
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_username_format = %Lu
+# No "/" in a login: the home is mail_dir/<domain>/<local part>, and "/alice" would name alice's.
+auth_username_chars = abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@
 auth_verbose = yes
 auth_verbose_passwords = no
 

@@ -353,6 +353,26 @@ def try_other_mailbox(client: Imap, name: str) -> None:
     assert not tagged(append).startswith(b"p OK"), (name, append)
 
 
+def test_an_account_name_cannot_lead_to_another_home(hostile: RunningDovecot, dovecot_kit: Any) -> None:
+    """The home is mail_dir/<domain>/<local part>: a "/" in a local part (RFC 5322 atext allows it) could name
+    another user's home ("/alice" is "alice"); "." levels cannot (dot-atom). Dovecot refuses such names at login and
+    at delivery (auth_username_chars), even when an operator put one in the accounts table by hand."""
+    tricks = {f"/alice@{DOMAIN}": "slash-password-1", f"alice/@{DOMAIN}": "slash-password-2",
+              f"x/../alice@{DOMAIN}": "slash-password-3"}
+    dovecot_kit.sqlite_accounts(hostile.root / "gateway.db", tricks)
+    for address, password in tricks.items():
+        message = b"Subject: x\r\n\r\nx\r\n"
+        replies = asyncio.run(lmtp.deliver(hostile.lmtp, f"x@{DOMAIN}", [address], message, timeout=30))
+        assert replies[address].code == 550, (address, replies)
+        client = Imap(hostile, fresh_address())
+        try:
+            assert b"AUTHENTICATIONFAILED" in client.login(address, password), address
+        finally:
+            client.close()
+    assert doveconf(hostile, "-h", "auth_username_chars").strip() == (
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@")
+
+
 def test_rendered_dovecot_has_one_private_namespace_and_no_privileges(hostile: RunningDovecot) -> None:
     settings = {}
     for line in doveconf(hostile, "-a").splitlines():
