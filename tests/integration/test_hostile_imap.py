@@ -235,7 +235,15 @@ def test_failed_logins_are_slowed_per_address_then_refused(hostile: RunningDovec
     assert dovecot_log.matching(rf"Login: user=<{re.escape(ALICE)}>.* rip={re.escape(colleague)},")
 
 
+def wait_for_no_connections(dv: RunningDovecot) -> None:
+    deadline = time.monotonic() + 30
+    while dv.supervisor.connections and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dv.supervisor.connections == 0
+
+
 def test_connections_are_limited_per_address_and_in_all(hostile: RunningDovecot) -> None:
+    wait_for_no_connections(hostile)  # those of earlier tests, ending
     crowd = fresh_address()
     held = [Imap(hostile, crowd, tls=False) for _ in range(MAX_PER_IP)]
     try:
@@ -254,10 +262,7 @@ def test_connections_are_limited_per_address_and_in_all(hostile: RunningDovecot)
         for c in held:
             c.close()
     # Closed connections are given back: the same address is served again.
-    deadline = time.monotonic() + 30
-    while hostile.supervisor.connections and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert hostile.supervisor.connections == 0
+    wait_for_no_connections(hostile)
     again = Imap(hostile, crowd)
     try:
         assert again.login(BOB, hostile.accounts[BOB]).startswith(b"a OK")
