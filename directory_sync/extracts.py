@@ -310,7 +310,7 @@ class ExtractReader:
             if progress is not None and line_no % every == 0:
                 progress(stats.bytes_read)
             raw = raw.rstrip(b"\r\n")
-            if raw.strip():
+            if raw and not raw.isspace():
                 yield line_no, raw
 
     def parse(self, line_no: int, raw: bytes) -> list[str] | None:

@@ -7,7 +7,7 @@ from sqlalchemy import Engine, delete, func, select
 
 from directory_sync.errors import DeletionBrake, MissingColumns
 from directory_sync.extracts import ExtractKind, sources
-from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun
+from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun, extract_line
 from directory_sync.sync import import_paths, sync_source
 from directory_sync.synthetic import (
     mssante_lines,
@@ -247,3 +247,27 @@ def test_readers_see_the_old_directory_until_the_commit(engine: Engine, tmp_path
     assert report.changed
     assert seen_midway == [before]
     assert _dump(engine, Mailbox) != before
+
+
+def test_two_extracts_loaded_one_after_the_other_both_resync_by_line(engine: Engine, tmp_path: Path) -> None:
+    """The second load finds the first one's snapshot in dir_extract_line (and stages its own lines
+    into it on SQLite); both snapshots then drive a by-line re-import to the fresh-import result."""
+    old = [write_extract(tmp_path / "pa.txt", personne_activite_lines(400)),
+           write_extract(tmp_path / "m.txt", mssante_lines(300))]
+    new = [write_extract(tmp_path / "pa2.txt", personne_activite_lines(400, changed_share=0.05, removed_share=0.02)),
+           write_extract(tmp_path / "m2.txt", mssante_lines(300, changed_share=0.05, removed_share=0.02))]
+    assert [r.method for r in import_paths(engine, old)] == ["load", "load"]
+    with engine.connect() as conn:
+        per_kind = dict(conn.execute(select(extract_line.c.kind, func.count()).group_by(extract_line.c.kind)).all())
+    assert per_kind == {ExtractKind.PERSONNE_ACTIVITE.value: 400, ExtractKind.MSSANTE.value: 300}
+    reports = import_paths(engine, new)
+    assert [r.method for r in reports] == ["lines", "lines"]
+    assert all(r.changed for r in reports)
+    models = (Practitioner, Structure, Activity, Mailbox)
+    synced = {m.__name__: _dump(engine, m) for m in models}
+    with engine.begin() as conn:
+        for m in models:
+            conn.execute(m.__table__.delete())  # type: ignore[attr-defined]
+        conn.execute(extract_line.delete())
+    import_paths(engine, new)
+    assert {m.__name__: _dump(engine, m) for m in models} == synced
