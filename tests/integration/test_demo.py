@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from config.loader import load
 from gateway.devpki import load_dev_pki
@@ -99,6 +101,13 @@ def demo(dovecot_binary: Path) -> Iterator[Demo]:
     stack = PcscStack(root / "pcsc", PracticeCardFiles(pki=pki.directory, rpps=RPPS, ca_cert=pki.personnes_cert),
                       pin=PIN)
     stack.start()
+    ours = x509.load_pem_x509_certificate(pki.practitioner(RPPS).sign_cert.read_bytes())
+    info = subprocess.run([sys.executable, "-m", "gateway.cli", "card", "info", "--reader", stack.reader], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    if ours.fingerprint(hashes.SHA256()).hex(":").upper() not in info.stdout:
+        stack.stop()
+        raise AssertionError(f"the card in {stack.reader} is not this test's (a card process left running by "
+                             f"another session holds the tests' slot?):\n{info.stdout}{info.stderr}")
     output = root / "demo-run.log"
     with output.open("wb") as out:
         launcher = subprocess.Popen([sys.executable, "-m", "gateway.cli", "-c", str(config), "demo", "run",
