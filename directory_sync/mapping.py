@@ -99,6 +99,10 @@ class BoundEntity:
         self._constants = tuple(v for _, v in spec.constants)
         self._field_names = tuple(c for c, _ in spec.fields)
         self.has_raw_key = self._key_pos is not None and spec.normalise_key is None
+        # extract(row) -> (key, row_hash, insert parameters), or None when the row has no such entity;
+        # raises RowRejected when the row is unusable for this table. A closure made once per file:
+        # it runs for every line of a national extract.
+        self.extract: Callable[[list[str]], tuple[str, int, tuple[Any, ...]] | None] = self._extractor()
 
     def raw_key(self, row: list[str]) -> str | None:
         """The key as it stands in the row when it needs no normalising (None otherwise)."""
@@ -106,44 +110,49 @@ class BoundEntity:
             return None
         return row[self._key_pos].strip() or None
 
-    def extract(self, row: list[str]) -> tuple[str, int, tuple[Any, ...]] | None:
-        """(key, row_hash, insert parameters) or None when the row has no such entity.
-
-        Raises RowRejected when the row is unusable for this table.
-        """
-        for header, pos in self._required:
-            if pos is None or not row[pos]:
-                raise RowRejected(f"empty {header!r}")
-        raw = self._get(row)
-        if self._single:
-            raw = (raw,)
-        if self._all_present:
-            values: Values = tuple([v or None for v in raw])
-            joined = "\x1f".join(raw)
-        else:
-            values = tuple([None if s is None else (raw[s] or None) for s in self._slots])
-            joined = "\x1f".join([v or "" for v in values])
+    def _extractor(self) -> Callable[[list[str]], tuple[str, int, tuple[Any, ...]] | None]:
         spec = self.spec
-        if spec.validate is not None:
-            reason = spec.validate(dict(zip(self._field_names, values, strict=True)))
-            if reason is not None:
-                raise RowRejected(reason)
-        digest = hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
-        if self._key_pos is None:
-            # Owner first, so that a file sorted by practitioner inserts in key order.
-            key: str | None = (values[0] or "") + digest[:6].hex()
-        else:
-            key = row[self._key_pos].strip()
-            if spec.normalise_key is not None and key:
-                key = spec.normalise_key(key)
-                if key is None:
-                    raise RowRejected(f"invalid {spec.key_header!r}: {row[self._key_pos].strip()!r}")
-        if not key:
-            if spec.optional_entity:
-                return None
-            raise RowRejected(f"empty {spec.key_header!r}")
-        row_hash = hash64(digest)
-        return key, row_hash, (key, *values, *self._constants, row_hash)
+        get, single, all_present, slots = self._get, self._single, self._all_present, self._slots
+        key_pos, required, constants, names = self._key_pos, self._required, self._constants, self._field_names
+        normalise, validate, optional = spec.normalise_key, spec.validate, spec.optional_entity
+        key_header = spec.key_header
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+
+        def extract(row: list[str]) -> tuple[str, int, tuple[Any, ...]] | None:
+            for header, pos in required:
+                if pos is None or not row[pos]:
+                    raise RowRejected(f"empty {header!r}")
+            raw = get(row)
+            if single:
+                raw = (raw,)
+            if all_present:
+                values: list[str | None] = [v or None for v in raw]
+                joined = "\x1f".join(raw)
+            else:
+                values = [None if s is None else (raw[s] or None) for s in slots]
+                joined = "\x1f".join([v or "" for v in values])
+            if validate is not None:
+                reason = validate(dict(zip(names, values, strict=True)))
+                if reason is not None:
+                    raise RowRejected(reason)
+            digest = blake2b(joined.encode("utf-8"), digest_size=16).digest()
+            if key_pos is None:
+                # Owner first, so that a file sorted by practitioner inserts in key order.
+                key: str | None = (values[0] or "") + digest[:6].hex()
+            else:
+                key = row[key_pos].strip()
+                if normalise is not None and key:
+                    key = normalise(key)
+                    if key is None:
+                        raise RowRejected(f"invalid {key_header!r}: {row[key_pos].strip()!r}")
+            if not key:
+                if optional:
+                    return None
+                raise RowRejected(f"empty {key_header!r}")
+            row_hash = from_bytes(digest[:8], "big", signed=True)
+            return key, row_hash, (key, *values, *constants, row_hash)
+
+        return extract
 
 
 def _practitioner_fields() -> tuple[tuple[str, str], ...]:
