@@ -124,6 +124,7 @@ class LimitsConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     max_connections: int = 200
+    max_connections_per_address: int = 30
     idle_timeout: float = 300.0
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0

@@ -91,13 +91,31 @@ _UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$')
 
 
 class ConnectionLimiter:
-    """What the connections of one listener share: the cap on simultaneous connections, and the bytes of DATA
-    they hold in memory (capped by `limits.max_buffered_data`)."""
+    """What the connections of one listener share: the cap on simultaneous connections (`limit`, and
+    `limits.max_connections_per_address` from one client address), and the bytes of DATA they hold in memory
+    (capped by `limits.max_buffered_data`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.by_address: collections.Counter[str] = collections.Counter()
         self.memory = MemoryBudget()
+
+    def refusal(self, address: str, per_address: int) -> str | None:
+        """The `421` for one connection too many, else None (and the connection is counted)."""
+        if self.active >= self.limit:
+            return "421 4.7.0 Too many connections, please try again later"
+        if self.by_address[address] >= per_address:
+            return "421 4.7.0 Too many connections from your address, please try again later"
+        self.active += 1
+        self.by_address[address] += 1
+        return None
+
+    def release(self, address: str) -> None:
+        self.active -= 1
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,18 +358,22 @@ class GatewaySMTP(SMTP):
         self._max_message_size = cfg.limits.max_message_size
         self._counted = False
         self._refused = False
+        self._address = ""
         self._closing = False
         self._errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # the first call; a second one follows STARTTLS
-            if self._limiter.active >= self._limiter.limit:
+            peer = transport.get_extra_info("peername")
+            self._address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            refusal = self._limiter.refusal(self._address, self._limits.max_connections_per_address)
+            if refusal is not None:
+                log.warning("connection from %s refused: %s", self._address, refusal[10:])
                 self._refused = True
                 assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections, please try again later\r\n")
+                transport.write(refusal.encode("ascii") + b"\r\n")
                 transport.close()
                 return
-            self._limiter.active += 1
             self._counted = True
             conn_id.set(secrets.token_hex(4))
         elif self._line_reader.pending():
@@ -362,7 +384,7 @@ class GatewaySMTP(SMTP):
         if self._refused:
             return
         if self._counted:
-            self._limiter.active -= 1
+            self._limiter.release(self._address)
             self._counted = False
         super().connection_lost(error)
 
@@ -450,7 +472,6 @@ class GatewaySMTP(SMTP):
             content = await receiver.receive()
             self._reset_timeout()
             if isinstance(content, str):
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
                 await self.push(content)
                 return
             self.envelope.content = self.envelope.original_content = content
@@ -459,6 +480,7 @@ class GatewaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("250 OK" if status is MISSING else status)
         finally:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # the message leaves memory, whatever happened
             receiver.release()
 
 

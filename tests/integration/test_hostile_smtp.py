@@ -45,6 +45,7 @@ auth_address_lockout = 120
 auth_account_failures = 3
 auth_account_lockout = 5
 max_buffered_data = 1572864
+max_connections_per_address = 6
 [inbound]
 listen = {{ host = "127.0.0.1", port = INBOUND_PORT }}
 """
@@ -313,6 +314,17 @@ def test_too_many_errors_disconnect(gw: GatewayProcess) -> None:
     assert c.cmd(b"DATA").startswith(b"503 ")
     assert c.reply() == b"421 4.7.0 Too many errors on this connection, closing it"
     assert c.closed()
+
+
+def test_connections_per_client_address(gw: GatewayProcess) -> None:
+    """One address may hold max_connections_per_address (6) connections; others still get in."""
+    held = [Raw(gw, source="127.0.0.7") for _ in range(6)]
+    extra = Raw(gw, source="127.0.0.7", greet=False)
+    assert extra.reply() == b"421 4.7.0 Too many connections from your address, please try again later"
+    assert extra.reply() == b""
+    other = Raw(gw, source="127.0.0.8")  # greeted
+    for c in [*held, extra, other]:
+        c.close()
 
 
 def test_the_listener_memory_budget(gw: GatewayProcess) -> None:
