@@ -136,3 +136,16 @@ def changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:
         last = current if current is not None else final
         if len(chunk) < CHUNK:
             return
+
+
+def staged_raw_lines(conn: Connection) -> Iterator[tuple[int, bytes]]:
+    """(line, raw bytes) of dir_stage_raw in line order, read in chunks so memory stays bounded."""
+    last = 0
+    while True:
+        chunk = conn.exec_driver_sql(
+            f"SELECT line, raw FROM dir_stage_raw WHERE line > {last} ORDER BY line LIMIT {CHUNK}").all()
+        for line, raw in chunk:
+            yield line, bytes(raw)
+        if len(chunk) < CHUNK:
+            return
+        last = chunk[-1][0]

@@ -54,6 +54,7 @@ from directory_sync.sqlbatch import (
     insert_sql,
     load_hashes,
     marks,
+    staged_raw_lines,
 )
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,7 @@ class _Run:
     def _lines(self, reader: ExtractReader, phase: str) -> Iterator[tuple[int, bytes]]:
         total = reader.source.size
         progress = self.progress
-        callback = None if progress is None else (lambda done: progress(phase, done, total))
-        yield from reader.lines(callback)
+        return reader.lines(None if progress is None else (lambda done: progress(phase, done, total)))
 
     def _done(self, phase: str) -> None:
         if self.progress is not None:
@@ -393,6 +393,13 @@ class _Run:
         starts = _bucket_starts(prev)
         stage = self._create_stage(conn)
         snapshot = self._snapshot_writer(conn)
+        # The new lines themselves (a few in a daily file): the second pass reads them from here
+        # instead of reading the whole file again.
+        blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
+        conn.exec_driver_sql("DROP TABLE IF EXISTS dir_stage_raw")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_raw (line INTEGER PRIMARY KEY, raw {blob} NOT NULL)"
+                             f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
+        raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
         reader = self.reader
         stats = reader.stats
         plan = self._plan(None)
@@ -417,7 +424,8 @@ class _Run:
                 if item is not None:
                     batch.add((item[0], item[1], line_no))
             snapshot.add((h, *found[1]))
-        for batch in stage:
+            raws.add((line_no, raw))
+        for batch in (*stage, raws):
             batch.flush()
         self._done("compare")
 
@@ -472,7 +480,7 @@ class _Run:
                 for k in g:
                     delete.add((k,))
                 delete.flush()
-        self._apply_staged(conn)
+        self._apply_staged(conn, staged_raw_lines(conn))
 
     # -- every key compared in SQL (no usable snapshot) ----------------------------------------------
 
@@ -519,8 +527,9 @@ class _Run:
         return [Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({marks(conn, 3)}) ON CONFLICT (k) DO NOTHING")
                 for n in names]
 
-    def _apply_staged(self, conn: Connection) -> None:
-        """Find the staged keys that are new or whose content changed; upsert them from the file."""
+    def _apply_staged(self, conn: Connection, lines: Iterator[tuple[int, bytes]] | None = None) -> None:
+        """Find the staged keys that are new or whose content changed; upsert them from their lines, read
+        from `lines` (ascending line numbers, at least every staged line) or else from the file again."""
         for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
             table, key = e.table.name, e.spec.key_column
             conn.exec_driver_sql(
@@ -539,7 +548,7 @@ class _Run:
         wanted = changed_lines(conn)
         pending = next(wanted, None)
         with ExtractReader(self.source) as again:
-            for line_no, raw in self._lines(again, "apply"):
+            for line_no, raw in self._lines(again, "apply") if lines is None else lines:
                 while pending is not None and pending[0] < line_no:
                     pending = next(wanted, None)
                 if pending is None:
