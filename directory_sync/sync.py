@@ -6,12 +6,15 @@ Why this shape:
 - Memory stays bounded whatever the file size: rows stream through in batches and the
   database computes the differences.
 - Into empty tables there is nothing to compare: one pass inserts, and the secondary
-  indexes are built once at the end.
+  indexes are built once at the end (the snapshot's too, unless another extract's lines are
+  already in it: then this extract's lines are staged and inserted in index order). A key
+  already inserted in this run (a structure shared by many lines) is not extracted again.
 - The daily file differs from yesterday's in a few lines, so a re-import works by line: the
   hash of every applied line is kept (`dir_extract_line`, with the keys the line fed); a
-  re-import hashes each raw line, parses only the lines whose hash is new, and derives the
-  deletions from the lines that disappeared (a key goes only when no remaining line feeds
-  it). Importing the same file again therefore writes nothing and says so.
+  re-import hashes each raw line, parses only the lines whose hash is new (staging their
+  bytes, so applying them needs no second read of the file), and derives the deletions from
+  the lines that disappeared (a key goes only when no remaining line feeds it). Importing the
+  same file again therefore writes nothing and says so.
 - Without that snapshot (first sync after an upgrade, after a FHIR increment touched the
   tables, or `full_compare`), every line's keys and content hashes are compared in SQL.
 - A truncated download must not wipe the directory: the deletion brake refuses a run that
