@@ -39,7 +39,7 @@ class ZipLimits:
 
 
 DEFAULT_ZIP_LIMITS = ZipLimits()
-_ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError,
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, IndexError,
                     RuntimeError, ValueError, OSError)
 
 

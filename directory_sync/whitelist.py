@@ -106,6 +106,8 @@ def parse_whitelist(path: Path | str) -> Whitelist:
                 )
     except ET.ParseError as exc:
         raise WhitelistError(path, f"not well-formed XML: {exc}") from exc
+    except (LookupError, ValueError) as exc:  # an encoding Python does not know, or cannot decode with
+        raise WhitelistError(path, f"unreadable XML: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise WhitelistError(path, f"cannot be read: {exc}") from exc
     if index == 0:

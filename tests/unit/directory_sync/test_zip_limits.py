@@ -84,3 +84,12 @@ def test_member_that_inflates_past_its_declared_size(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ArchiveRefused, match="CRC"):
         _rows(path)
+
+
+def test_member_without_a_name(tmp_path):
+    """Found fuzzing: zipfile's ZipInfo.is_dir raised IndexError on an empty member name."""
+    path = tmp_path / "noname.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(zipfile.ZipInfo(""), b"x")
+    with pytest.raises(ArchiveRefused, match="IndexError"):
+        sources(path)
