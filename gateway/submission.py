@@ -7,8 +7,10 @@ holds a bare CR or LF (SMTP smuggling; RFC 5321 §2.3.8), and otherwise written 
 the spool before `250`. The receiver never touches a key: signing happens after the queue.
 
 aiosmtpd gives the protocol; this module adds the policy, an asynchronous password check
-(Argon2 runs in a thread, never on the loop), a connection cap and RFC 3463 enhanced status
-codes on aiosmtpd's stock replies.
+(Argon2 runs in a thread, never on the loop) with limits per connection, client address and
+login (gateway/auth_throttle.py), RFC 3463 enhanced status codes on aiosmtpd's stock replies,
+and, in `GatewaySMTP` (the base of both listeners), the defences against hostile clients and
+the resource limits of `[limits]` (what a client sends is read by gateway/smtp_input.py).
 """
 
 from __future__ import annotations
@@ -323,11 +325,12 @@ class GatewaySMTP(SMTP):
     connection cap, the idle timeout, the size limit and RFC 3463 enhanced codes on the stock replies, and
     the defences against hostile clients (docs/SECURITY.md):
 
-    - a client that talks before the greeting (RFC 5321 §4.3.1) gets `554 5.5.0` and is disconnected;
+    - a client that talks before the greeting (RFC 5321 §3.1) gets `554 5.5.0` and is disconnected;
     - a command line with a bare CR or LF is refused (`500 5.5.2`), overlong ones too (aiosmtpd, `500 5.5.2`);
     - commands pipelined after STARTTLS (RFC 3207 §4.2, the CVE-2011-0411 injection) are refused with the
       STARTTLS, and any plaintext that arrives while TLS starts is discarded;
-    - after `limits.max_errors` error replies, `421 4.7.0` and the connection is closed;
+    - after `limits.max_errors` error replies, `421 4.7.0` and the connection is closed; the connections
+      of one listener and of one client address are capped (`421 4.7.0`);
     - DATA is read with bounded memory: past the size limit, a too-long line or the listener's memory budget,
       the rest is read and dropped, never kept, then `552 5.3.4`, `500 5.5.2` or `452 4.3.1`;
     - waiting for a command (`limits.idle_timeout`), for the next DATA line (`limits.data_timeout`) and for a
