@@ -2,7 +2,7 @@
 
 Every client here speaks raw IMAP over a real socket from its own loopback address (127.0.0.0/8 is all local), so
 that what Dovecot does per client address (the authentication penalty) and what the relay counts per address can be
-told apart. Threats and defences: /tmp/security-notes-imap.md, assembled into docs/SECURITY.md.
+told apart. Each test is the proof of one entry of docs/SECURITY.md (IMAP).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class Imap:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()  # the socket's descriptor stays open while a file made from it is
+        with contextlib.suppress(OSError):
             self.sock.close()
 
 
