@@ -51,6 +51,8 @@ KEY_SIGN = 0x81
 KEY_AUTH = 0x82
 PIN_LENGTH = 8
 MAX_RESPONSE = 0xE7
+MAX_EF_BYTES = 16 * 1024  # a CPS certificate EF holds under 2 KB; a card announcing more is broken
+MAX_TLV_DEPTH = 8  # the PIN SDO nests 3 deep (4D > 70 > BF8101 > A0 > 9B)
 ALGO_SHA256 = 0x40
 ALGO_PKCS1_SHA256 = 0x42
 
@@ -78,8 +80,13 @@ def encode_pin(pin: str) -> bytes:
     return pin.encode("ascii").ljust(PIN_LENGTH, b"\xff")
 
 
-def _tlv_find(data: bytes, wanted: int) -> bytes | None:
-    """Depth-first search of a BER-TLV value by tag (one- to three-byte tags, short/long lengths)."""
+def _tlv_find(data: bytes, wanted: int, depth: int = 0) -> bytes | None:
+    """Depth-first search of a BER-TLV value by tag (one- to three-byte tags, short/long lengths).
+
+    A card's answer is at most 64 KB, so nesting is bounded here and not by Python's recursion limit.
+    """
+    if depth > MAX_TLV_DEPTH:
+        raise MalformedResponse(f"BER-TLV nested more than {MAX_TLV_DEPTH} deep")
     i = 0
     while i < len(data):
         tag = data[i]
@@ -104,7 +111,7 @@ def _tlv_find(data: bytes, wanted: int) -> bytes | None:
         while first > 0xFF:
             first >>= 8
         if first & 0x20:
-            found = _tlv_find(value, wanted)
+            found = _tlv_find(value, wanted, depth + 1)
             if found is not None:
                 return found
     return None
@@ -145,6 +152,8 @@ class Cps3Card:
             out += chunk
             if size is None and len(out) >= 4:
                 size = _der_length(out)
+                if size > MAX_EF_BYTES:
+                    raise MalformedResponse(f"EF announces {size} bytes, more than {MAX_EF_BYTES}")
             if not chunk:
                 break
         return out if size is None else out[:size]
