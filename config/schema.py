@@ -137,6 +137,15 @@ class LimitsConfig:
     auth_address_lockout: float = 900.0
     auth_account_failures: int = 10
     auth_account_lockout: float = 300.0
+    # What a received or submitted message may make the parsers build (smime.limits.ParseLimits)
+    max_mime_depth: int = 50
+    max_mime_parts: int = 10_000
+    max_asn1_depth: int = 64
+    max_asn1_elements: int = 200_000
+    max_cms_size: int = 64 * 1024 * 1024
+    # What one member of a directory extract ZIP may inflate to (directory_sync.extracts.ZipLimits)
+    max_zip_member_size: int = 8 * 1024 ** 3
+    max_zip_ratio: int = 100
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from config.schema import LimitsConfig
 from smime.errors import LimitExceeded
 
 
@@ -124,3 +125,10 @@ def _header(buf: memoryview, pos: int, limit: int) -> tuple[bool, int, int] | No
     if i + length > limit:
         return None
     return bool(first & 0x20), i, i + length
+
+
+def limits_from_config(cfg: LimitsConfig) -> ParseLimits:
+    """The parse limits of the `[limits]` table of the gateway's configuration."""
+    return ParseLimits(max_mime_depth=cfg.max_mime_depth, max_mime_parts=cfg.max_mime_parts,
+                       max_asn1_depth=cfg.max_asn1_depth, max_asn1_elements=cfg.max_asn1_elements,
+                       max_cms_bytes=cfg.max_cms_size)

@@ -144,3 +144,22 @@ async def test_cms_size(jeanne_sign, paul_auth, trust):
         await open_message(sealed, decrypter=paul_auth, trust=trust, limits=ParseLimits(max_cms_bytes=10_000))
     opened = await open_message(sealed, decrypter=paul_auth, trust=trust)
     assert opened.reports[0].valid
+
+
+def test_limits_come_from_the_limits_table(tmp_path):
+    """`[limits]` of the configuration carries every parse limit; its defaults are the engine's."""
+    from config.schema import LimitsConfig
+    from smime.limits import limits_from_config
+
+    assert limits_from_config(LimitsConfig()) == DEFAULT_LIMITS
+    assert limits_from_config(LimitsConfig(max_mime_depth=7, max_cms_size=1000)) == \
+        ParseLimits(max_mime_depth=7, max_cms_bytes=1000)
+
+
+def test_zip_limits_in_the_limits_table_match_the_directory_defaults():
+    from config.schema import LimitsConfig
+    from directory_sync.extracts import DEFAULT_ZIP_LIMITS
+
+    cfg = LimitsConfig()
+    assert (cfg.max_zip_member_size, cfg.max_zip_ratio) == (DEFAULT_ZIP_LIMITS.max_member_bytes,
+                                                             DEFAULT_ZIP_LIMITS.max_ratio)
