@@ -27,6 +27,7 @@ from gateway.inbound import InboundHandler, peer_tls_context, start_inbound
 from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import AccountKeys, KeyRing, Pipeline, load_trust
+from gateway.redelivery import DoveadmCopies
 from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
 from gateway.relay_sessions import SessionCache
 from gateway.spool import GroupCommitter, Incoming, Spool
@@ -65,8 +66,9 @@ class Gateway:
             await self.cards.start()
         keys = AccountKeys(await asyncio.to_thread(KeyRing.load, self.cfg.smime), self.cards)
         trust = await asyncio.to_thread(load_trust, self.cfg.smime)
+        copies = DoveadmCopies(self.dovecot.conf_path) if self.dovecot is not None else None
         self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
-                                 trust=trust, submit=self._submit_own)
+                                 trust=trust, submit=self._submit_own, has_copy=copies.holds if copies else None)
         self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify=self.pipeline.notify,
                                      concurrency=self.cfg.spool.workers)
         await asyncio.to_thread(self.spool.recover)

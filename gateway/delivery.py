@@ -124,7 +124,7 @@ class DeliveryWorker:
         queue_id.set(msg.id)
         data = b""
         try:
-            data = await asyncio.to_thread(self._spool.read, msg.id)
+            data = await asyncio.to_thread(self._spool.begin_attempt, msg.id)  # marked in flight until recorded
             results = await self._process(msg, data) if msg.pending else []
         except asyncio.CancelledError:
             await asyncio.to_thread(self._spool.release_active, msg.id)

@@ -102,12 +102,16 @@ def load_trust(cfg: SmimeConfig | None) -> TrustStore | None:
 
 # Queues a message the gateway writes itself (an MDN), for the worker to sign, encrypt and relay.
 Submit = Callable[[Incoming], Awaitable[None]]
+# holds(address, queue id): whether the mailbox already has the copy of a delivery a crash interrupted
+# (gateway.redelivery.DoveadmCopies.holds).
+HasCopy = Callable[[str, str], Awaitable[bool]]
 
 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, lmtp: LmtpPool, *, relay: OutboundRelay | None = None,
                  keys: AccountKeys | None = None, directory: DirectoryLookup | None = None,
-                 trust: TrustStore | None = None, submit: Submit | None = None) -> None:
+                 trust: TrustStore | None = None, submit: Submit | None = None, has_copy: HasCopy | None = None
+                 ) -> None:
         self._cfg = cfg
         self._lmtp = lmtp
         self._relay = relay
@@ -115,6 +119,7 @@ class Pipeline:
         self._directory = directory
         self._trust = trust
         self._submit = submit
+        self._has_copy = has_copy
         self._plain_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.plain_domains)
 
     async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
@@ -129,10 +134,17 @@ class Pipeline:
         if plain:
             results += await self._relay_plain(msg, plain, data)
         if local:
-            results += await self._to_mailboxes(msg.sender, local, data)
+            results += await self._to_mailboxes(msg.sender, local, data, msg)
         return results
 
-    async def _to_mailboxes(self, sender: str, recipients: Sequence[str], data: bytes) -> list[RecipientResult]:
+    async def _to_mailboxes(self, sender: str, recipients: Sequence[str], data: bytes,
+                            msg: QueuedMessage | None = None) -> list[RecipientResult]:
+        if msg is not None and msg.interrupted and self._has_copy is not None:
+            there = [r for r in recipients if await self._has_copy(r, msg.id)]
+            if there:  # delivered just before a crash, its result never recorded (gateway/redelivery.py)
+                rest = [r for r in recipients if r not in there]
+                return [RecipientResult(r, "done", "250 2.0.0 Already in the mailbox (delivered before a restart)")
+                        for r in there] + (await self._to_mailboxes(sender, rest, data) if rest else [])
         try:
             replies = await self._lmtp.deliver(sender, recipients, data)
         except (LmtpError, OSError) as exc:
@@ -230,7 +242,7 @@ class Pipeline:
         log.info("to=<%s> security verdict %s%s", rcpt, opened.verdict, f" ({opened.reason})" if opened.reason else "")
         if opened.transient:
             return RecipientResult(rcpt, "retry", f"451 4.7.5 {opened.reason}")
-        [delivered] = await self._to_mailboxes(msg.sender, [rcpt], opened.message)
+        [delivered] = await self._to_mailboxes(msg.sender, [rcpt], opened.message, msg)
         if delivered.state == "done":
             try:
                 await self._acknowledge(msg, rcpt, data, opened)

@@ -6,6 +6,12 @@ A crash before the commit leaves an orphan file and no acknowledgement (the file
 removed at the next start); a crash after it leaves a row whose message is delivered after
 restart. States: incoming → active → done | deferred | failed (| hold, for later issues).
 
+Delivery is at least once: a crash after the mailbox's (or the peer's) `250` and before the
+result is committed repeats that delivery. To let the worker avoid it, each attempt leaves an
+empty marker `inflight/<id>` from its start to its recorded result (no fsync: a process crash
+keeps it, a power cut loses it and only costs a duplicate); recovery flags the rows it finds
+marked `interrupted`, and the pipeline asks the mailbox whether it already holds such a message.
+
 Concurrent arrivals share their durability work (group commit, as databases do): each
 message's file is written and fsynced on its own, but one directory fsync and one SQL commit
 cover the whole batch, so eight clients do not pay eight times for what one flush guarantees.
@@ -74,6 +80,8 @@ queue = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("delay_notified", Boolean, nullable=False, server_default=false()),
+    # An attempt was in progress when the gateway died: its delivery may have happened (see the module docstring).
+    Column("interrupted", Boolean, nullable=False, server_default=false()),
 )
 
 queue_recipients = Table(
@@ -112,6 +120,8 @@ class QueuedMessage:
     """Recipients not yet delivered nor failed."""
     direction: Direction = "submission"
     delay_notified: bool = False
+    interrupted: bool = False
+    """A delivery attempt was cut by a crash: a recipient may already have its copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +183,11 @@ class Spool:
         self._dir = directory
         self._tmp = directory / "tmp"
         self._msg = directory / "msg"
+        self._inflight = directory / "inflight"
         self._engine = engine
         self._books = bookkeeping or engine
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-fsync")
-        for d in (directory, self._tmp, self._msg):
+        for d in (directory, self._tmp, self._msg, self._inflight):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
@@ -246,16 +257,32 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"queue file {queue_id} cannot be read: {exc}") from exc
 
+    def begin_attempt(self, queue_id: str) -> bytes:
+        """The message's bytes, for a delivery attempt that is starting: marked in flight until `record`, `hold` or
+        `release_active` ends it, so that a crash meanwhile flags the message `interrupted` at recovery."""
+        os.close(os.open(self._inflight / queue_id, os.O_WRONLY | os.O_CREAT, 0o600))
+        return self.read(queue_id)
+
+    def _end_attempt(self, queue_id: str) -> None:
+        (self._inflight / queue_id).unlink(missing_ok=True)
+
     def recover(self) -> tuple[int, int]:
-        """At start-up: put back messages a crash left `active`, remove never-acknowledged files.
+        """At start-up: put back messages a crash left `active` (flagging `interrupted` those whose attempt was in
+        flight), remove never-acknowledged files.
 
         Returns (requeued, orphans removed).
         """
+        cut = [f.name for f in self._inflight.iterdir()]
         with self._engine.begin() as conn:
+            if cut:
+                conn.execute(update(queue).where(queue.c.id.in_(cut), queue.c.state == "active")
+                             .values(interrupted=True))
             requeued = conn.execute(update(queue).where(queue.c.state == "active")
                                     .values(state="incoming")).rowcount
             known = {r.id for r in conn.execute(select(queue.c.id).where(
                 queue.c.state.in_(("incoming", "deferred", "hold"))))}
+        for name in cut:
+            (self._inflight / name).unlink(missing_ok=True)
         orphans = 0
         present = set()
         for d in (self._tmp, self._msg):
@@ -273,7 +300,8 @@ class Spool:
                 conn.execute(update(queue).where(queue.c.id.in_(finished)).values(state="done"))
             log.warning("spool recovery: %d message(s) already delivered, marked done", len(finished))
         if requeued or orphans:
-            log.info("spool recovery: %d message(s) requeued, %d unacknowledged file(s) removed", requeued, orphans)
+            log.info("spool recovery: %d message(s) requeued (%d cut in the middle of an attempt), %d unacknowledged "
+                     "file(s) removed", requeued, len(cut), orphans)
         return requeued, orphans
 
     def claim_due(self, limit: int, now: datetime | None = None) -> list[QueuedMessage]:
@@ -298,7 +326,7 @@ class Spool:
         by_id = {r.id: r for r in rows}
         return [QueuedMessage(i, by_id[i].sender, by_id[i].account, by_id[i].size, _utc(by_id[i].created_at),
                               by_id[i].attempts, tuple(pending[i]), by_id[i].direction,
-                              bool(by_id[i].delay_notified)) for i in ids]
+                              bool(by_id[i].delay_notified), bool(by_id[i].interrupted)) for i in ids]
 
     def record(self, msg: QueuedMessage, results: Sequence[RecipientResult], now: datetime | None = None) -> State:
         """Write the outcome of one attempt; returns the message's new state.
@@ -337,16 +365,26 @@ class Spool:
             conn.execute(update(queue).where(queue.c.id == msg.id).values(
                 state=state, attempts=attempts, last_error=last_error,
                 next_attempt_at=now + next_delay(attempts) if state == "deferred" else now))
+        self._end_attempt(msg.id)
         if state in ("done", "failed"):
             # No directory fsync: should the unlink be lost, recovery removes the file of a finished row.
             self.path(msg.id).unlink(missing_ok=True)
         return state
+
+    def give_back(self, queue_ids: Sequence[str]) -> None:
+        """Messages made durable whose session went away before handing them to the worker: `incoming` again, for
+        the worker's next poll (else they would wait, `active` and owned by no one, for the next restart)."""
+        with self._books.begin() as conn:
+            n = conn.execute(update(queue).where(queue.c.id.in_(list(queue_ids)), queue.c.state == "active")
+                             .values(state="incoming")).rowcount
+        log.info("%d message(s) stored after their client left, back in the queue", n)
 
     def release_active(self, queue_id: str) -> None:
         """Give a claimed message back untouched (shutdown in the middle of an attempt)."""
         with self._books.begin() as conn:
             conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
                          .values(state="incoming"))
+        self._end_attempt(queue_id)
 
     def mark_delay_notified(self, queue_id: str) -> None:
         with self._books.begin() as conn:
@@ -357,6 +395,7 @@ class Spool:
         with self._books.begin() as conn:
             conn.execute(update(queue).where(queue.c.id == queue_id, queue.c.state == "active")
                          .values(state="hold", last_error=reason))
+        self._end_attempt(queue_id)
 
     # --- operator actions (`mssgw queue ...`); each names the states it applies to --------------------------------
 
@@ -421,6 +460,10 @@ class GroupCommitter:
 
     While one batch is being made durable, new arrivals wait and form the next one; a lone
     client pays no added latency (its batch starts at once).
+
+    A session cancelled while it waits (its client disconnected, or was cut by a crash of the peer
+    gateway) must not strand its message: one not yet written is dropped (no `250` was sent), one
+    already durable is given back to the queue, since the session will not hand it to the worker.
     """
 
     def __init__(self, spool: Spool, max_batch: int = 64) -> None:
@@ -428,6 +471,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: list[tuple[Incoming, asyncio.Future[QueuedMessage]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
 
     async def accept(self, message: Incoming) -> QueuedMessage:
         """Store `message` durably (born `active`, for the caller to hand to the worker)."""
@@ -436,12 +480,30 @@ class GroupCommitter:
         if self._drainer is None:
             # Keep the task referenced: the loop holds tasks only weakly.
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Stored, but cancelled before resuming with the result: nobody else will hand it on.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                task = asyncio.get_running_loop().create_task(self._give_back([future.result().id]))
+                self._giving_back.add(task)
+                task.add_done_callback(self._giving_back.discard)
+            raise
+
+    async def _give_back(self, queue_ids: list[str]) -> None:
+        try:
+            await asyncio.to_thread(self._spool.give_back, queue_ids)
+        except Exception:
+            log.exception("cannot give %d abandoned message(s) back to the queue; they wait for the next restart",
+                          len(queue_ids))
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+                batch = [(m, fut) for m, fut in batch if not fut.cancelled()]  # clients gone before any 250
+                if not batch:
+                    continue
                 try:
                     queued = await asyncio.to_thread(self._spool.accept_batch, [m for m, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every waiting session answers 451
@@ -449,8 +511,13 @@ class GroupCommitter:
                         if not fut.done():
                             fut.set_exception(exc)
                 else:
+                    abandoned = []
                     for (_, fut), msg in zip(batch, queued):
-                        if not fut.done():
+                        if fut.cancelled():
+                            abandoned.append(msg.id)
+                        elif not fut.done():
                             fut.set_result(msg)
+                    if abandoned:
+                        await self._give_back(abandoned)
         finally:
             self._drainer = None

@@ -147,7 +147,7 @@ def run(role: Role, *, messages: int, clients: int, kills: int, size: int = 2048
     thresholds = sorted(rng.sample(range(max(1, messages // 10), max(2, messages * 9 // 10)),
                                    min(kills, max(1, messages * 8 // 10))))
     # Also a random pause after the threshold, so that a gateway just restarted works a while before the next kill.
-    delays = [rng.uniform(0.05, 0.8) for _ in thresholds]
+    delays = [rng.uniform(0.02, 0.3) for _ in thresholds]
     queued_at_kill: list[int] = []
     start = time.monotonic()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,6 +100,32 @@ def test_recover_requeues_active_and_removes_unacknowledged_files(spool: Spool, 
     assert msg.id == acked and spool.read(acked) == MSG
 
 
+def test_an_attempt_cut_by_a_crash_is_flagged_interrupted(spool: Spool, tmp_path: Path) -> None:
+    cut = spool.accept("a@x.test", ["b@x.test"], MSG, account=None)
+    waiting = spool.accept("a@x.test", ["c@x.test"], MSG, account=None)
+    assert len(spool.claim_due(2)) == 2  # both active; only one attempt has started when the process dies
+    assert spool.begin_attempt(cut) == MSG
+    assert spool.recover() == (2, 0)
+    assert not list((tmp_path / "spool" / "inflight").iterdir())
+    flags = {m.id: m.interrupted for m in spool.claim_due(2)}
+    assert flags == {cut: True, waiting: False}
+
+
+def test_an_attempt_that_ends_leaves_no_marker(spool: Spool, engine: Engine, tmp_path: Path) -> None:
+    for rcpt in ("b@x.test", "c@x.test", "d@x.test"):
+        spool.accept("a@x.test", [rcpt], MSG, account=None)
+    retried, held, released = spool.claim_due(3)
+    for msg in (retried, held, released):
+        spool.begin_attempt(msg.id)
+    spool.record(retried, [RecipientResult(retried.pending[0], "retry", "451 4.4.1 later")])
+    spool.hold(held.id, "card absent")
+    spool.release_active(released.id)
+    assert not list((tmp_path / "spool" / "inflight").iterdir())
+    spool.recover()
+    with engine.connect() as conn:
+        assert not any(conn.execute(select(queue.c.interrupted)).scalars())
+
+
 def test_retry_schedule_is_jittered_and_grows() -> None:
     delays = [next_delay(n) for n in range(1, len(RETRY_SCHEDULE) + 3)]
     for n, d in enumerate(delays[: len(RETRY_SCHEDULE)]):
@@ -134,6 +161,42 @@ async def test_group_commit_batches_concurrent_accepts(spool: Spool, engine: Eng
         assert spool.read(qid) == MSG + bytes([65 + i])
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(queue)).scalar_one() == 20
+
+
+class SlowSpool(Spool):
+    """Each batch takes a while to become durable: time for a client to leave in the middle."""
+
+    def accept_batch(self, batch, *, state="active"):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        return super().accept_batch(batch, state=state)
+
+
+def incoming(n: int) -> Incoming:
+    return Incoming(new_queue_id(), "a@x.test", ("b@x.test",), MSG + bytes([65 + n]), None)
+
+
+async def until(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def test_a_client_that_leaves_during_the_commit_strands_nothing(engine: Engine, tmp_path: Path) -> None:
+    spool = SlowSpool(tmp_path / "spool", engine)
+    committer = GroupCommitter(spool)
+    written = asyncio.create_task(committer.accept(incoming(0)))  # its batch is being written when it leaves
+    await asyncio.sleep(0.1)
+    unwritten = asyncio.create_task(committer.accept(incoming(1)))  # waits for the next batch, leaves before it
+    await asyncio.sleep(0)
+    written.cancel()
+    unwritten.cancel()
+    await asyncio.gather(written, unwritten, return_exceptions=True)
+    # Durable although no 250 was sent: back to `incoming`, so the worker's poll delivers it without a restart.
+    [msg] = await until(lambda: spool.claim_due(10))
+    assert spool.read(msg.id) == MSG + b"A"
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(queue)).scalar_one() == 1  # the other was never stored
 
 
 def test_failed_commit_leaves_no_file(spool: Spool, engine: Engine, tmp_path: Path) -> None:
