@@ -119,7 +119,7 @@ class SmimeConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """What one SMTP client may cost (each key is explained in config/gateway.example.toml)."""
+    """What a client and its input may cost the gateway (each key is explained in config/gateway.example.toml)."""
 
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
