@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from config.loader import read_secret
 from config.schema import GatewayConfig, ImapLimitsConfig
 from gateway.errors import GatewayError
+from gateway.tls import MSSANTE_TLS12_CIPHERS
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ ssl_cert = <{_include_path(cfg.tls.cert)}
 ssl_key = <{_include_path(cfg.tls.key)}
 ssl_min_protocol = {cfg.tls.min_version}
 ssl_prefer_server_ciphers = yes
+ssl_cipher_list = {MSSANTE_TLS12_CIPHERS}
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_username_format = %Lu
