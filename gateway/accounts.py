@@ -74,6 +74,11 @@ def normalise_address(address: str) -> str:
         raise BadAccountInput(f"not a mailbox address: {address!r} ({exc})") from None
 
 
+# What a login may hold, and so an account's address: Dovecot's auth_username_chars as the gateway
+# configures it (gateway/dovecot_config.py). No "/": the mailbox is mail_dir/<domain>/<local part>.
+ACCOUNT_ADDRESS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@")
+
+
 class AccountStore:
     """Accounts in SQL. Every method blocks (SQL, Argon2): call it from a thread in async code."""
 
@@ -82,6 +87,9 @@ class AccountStore:
 
     def add(self, address: str, password: str) -> Account:
         address = normalise_address(address)
+        if not set(address) <= ACCOUNT_ADDRESS_CHARS:
+            raise BadAccountInput(f"a mailbox account's address may hold only letters, digits, '.', '-' and '_' "
+                                  f"(IMAP logins, mailbox paths): {address!r}")
         _check_password(password)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:

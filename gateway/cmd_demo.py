@@ -40,6 +40,7 @@ from typing import IO, Any
 from config.loader import load
 from config.schema import GatewayConfig, SmimeConfig
 from gateway.cli import add_command
+from gateway.cmd_run import DEV_CREDENTIALS, dev_pki_dir, read_dev_credentials
 from gateway.errors import GatewayError
 from gateway.spool import Spool
 
@@ -68,13 +69,6 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 # --- setup ---------------------------------------------------------------------------------------------------------
-
-def _pki_dir(cfg: GatewayConfig) -> Path:
-    """Where the gateway's development PKI lives: its TLS certificate is DIR/gateway/… (gateway/devpki.py)."""
-    if cfg.tls.cert.parent.name != "gateway":
-        raise GatewayError(f"{cfg.source}: tls.cert is not in a development PKI (DIR/gateway/tls-server…)")
-    return cfg.tls.cert.parent.parent
-
 
 def _smime(cfg: GatewayConfig) -> SmimeConfig:
     if cfg.smime is None:
@@ -107,9 +101,9 @@ def _setup(args: argparse.Namespace) -> int:
 
     gateways = [load(args.config), load(args.peer_config)]
     for cfg in gateways:  # the PKI and the accounts, as `make dev-setup` always made them
-        if mssgw(["-c", str(cfg.source), "dev-setup", "--pki-dir", str(_pki_dir(cfg))]) != 0:
+        if mssgw(["-c", str(cfg.source), "dev-setup", "--pki-dir", str(dev_pki_dir(cfg))]) != 0:
             return 1
-    pkis = [load_dev_pki(_pki_dir(cfg)) for cfg in gateways]
+    pkis = [load_dev_pki(dev_pki_dir(cfg)) for cfg in gateways]
     anchors = b"".join(p.ca_bundle.read_bytes() for p in pkis)
     crls = b"".join(p.crls_pem.read_bytes() for p in pkis)
     for cfg in gateways:
@@ -237,10 +231,8 @@ Ctrl-C here stops both gateways.
 
 def _password(cfg: GatewayConfig, address: str) -> str:
     """The development account's password, from the file `mssgw dev-setup` keeps beside the PKI."""
-    from gateway.cmd_run import _read_creds
-
-    creds = _pki_dir(cfg).parent / "dev-accounts.txt"
-    password = _read_creds(creds).get(address)
+    creds = dev_pki_dir(cfg).parent / DEV_CREDENTIALS
+    password = read_dev_credentials(creds).get(address)
     if password is None:
         raise GatewayError(f"{address} is not a development account (see {creds}; run `make dev-setup`)")
     return password
@@ -379,7 +371,7 @@ def _follow(spool: Spool, queue_id: str, peer: GatewayConfig, recipient: str, me
 
 def _print_how_to_read(peer: GatewayConfig, recipient: str) -> None:
     imap = peer.mailboxes.imap
-    creds = _pki_dir(peer).parent / "dev-accounts.txt"
+    creds = dev_pki_dir(peer).parent / DEV_CREDENTIALS
     print(f"""
 Read it on the peer over IMAP (password of {recipient} in {creds}):
   openssl s_client -quiet -starttls imap -connect {imap.host}:{imap.port} -CAfile {peer.tls.ca}
@@ -388,4 +380,4 @@ Read it on the peer over IMAP (password of {recipient} in {creds}):
   c FETCH * (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT MSSGW-SECURITY AUTHENTICATION-RESULTS)] BODY.PEEK[TEXT])
   d LOGOUT
 Or in Thunderbird: IMAP {imap.host} port {imap.port}, STARTTLS, normal password, user name {recipient}
-(import the test CA {_pki_dir(peer) / 'ca-bundle.pem'} first, see README.md).""")
+(import the test CA {dev_pki_dir(peer) / 'ca-bundle.pem'} first, see README.md).""")

@@ -13,6 +13,9 @@ from typing import Any
 from config.loader import load
 from config.schema import GatewayConfig
 from gateway.cli import add_command
+from gateway.errors import GatewayError
+
+DEV_CREDENTIALS = "dev-accounts.txt"  # beside the development PKI: address and password per line
 
 
 def register(sub: Any) -> None:
@@ -59,17 +62,18 @@ def _dev_setup(args: argparse.Namespace) -> int:
     from gateway.devpki import create_dev_pki
 
     cfg = load(args.config)
-    if cfg.tls.ca is None and args.pki_dir is None:
-        print("mssgw: dev-setup needs --pki-dir or tls.ca in the configuration")
+    try:
+        pki_dir: Path = args.pki_dir or dev_pki_dir(cfg)
+    except GatewayError as exc:
+        print(f"mssgw: {exc}; give --pki-dir")
         return 2
-    pki_dir: Path = args.pki_dir or cfg.tls.ca.parent  # type: ignore[union-attr]
     domain = cfg.local_domains[0]
     pki = create_dev_pki(pki_dir, domain=domain, gateway_hostname=cfg.hostname)
     engine = make_engine(cfg.database)
     create_tables(engine)
     store = AccountStore(engine)
-    creds_file = pki_dir.parent / "dev-accounts.txt"
-    known = _read_creds(creds_file)
+    creds_file = pki_dir.parent / DEV_CREDENTIALS
+    known = read_dev_credentials(creds_file)
     wanted = [p.email for p in pki.practitioners] + [pki.organisation.email]
     for address in wanted:
         if address not in known:
@@ -92,7 +96,15 @@ def _dev_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_creds(path: Path) -> dict[str, str]:
+def dev_pki_dir(cfg: GatewayConfig) -> Path:
+    """Where the development PKI lives: the gateway's TLS certificate is DIR/gateway/… (gateway/devpki.py)."""
+    if cfg.tls.cert.parent.name != "gateway":
+        raise GatewayError(f"{cfg.source}: tls.cert is not in a development PKI (DIR/gateway/tls-server…)")
+    return cfg.tls.cert.parent.parent
+
+
+def read_dev_credentials(path: Path) -> dict[str, str]:
+    """address -> password of the development accounts `dev-setup` wrote to PATH (none if it is absent)."""
     if not path.exists():
         return {}
     pairs = (line.split(" ", 1) for line in path.read_text(encoding="utf-8").splitlines() if " " in line)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 from config.loader import read_secret
 from config.schema import GatewayConfig, ImapLimitsConfig
+from gateway.accounts import ACCOUNT_ADDRESS_CHARS
 from gateway.errors import GatewayError
 from gateway.tls import MSSANTE_TLS12_CIPHERS
 
@@ -134,7 +135,7 @@ disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_username_format = %Lu
 # No "/" in a login: the home is mail_dir/<domain>/<local part>, and "/alice" would name alice's.
-auth_username_chars = abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@
+auth_username_chars = {"".join(sorted(ACCOUNT_ADDRESS_CHARS))}
 auth_verbose = yes
 auth_verbose_passwords = no
 

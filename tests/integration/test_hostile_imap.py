@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import string
 import subprocess
 import threading
 import time
@@ -375,8 +376,8 @@ def test_an_account_name_cannot_lead_to_another_home(hostile: RunningDovecot, do
             assert b"AUTHENTICATIONFAILED" in client.login(address, password), address
         finally:
             client.close()
-    assert doveconf(hostile, "-h", "auth_username_chars").strip() == (
-        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@")
+    chars = doveconf(hostile, "-h", "auth_username_chars").strip()
+    assert "/" not in chars and set(chars) == set(string.ascii_letters + string.digits + ".-_@")
 
 
 def test_rendered_dovecot_has_one_private_namespace_and_no_privileges(hostile: RunningDovecot) -> None:

@@ -65,3 +65,12 @@ def test_passwd_list_and_errors(engine: Engine) -> None:
         store.add("c@dev.mssante.test", "short")
     with pytest.raises(BadAccountInput):
         store.add("c%evil@dev.mssante.test", PW)
+
+
+@pytest.mark.parametrize("address", ["/alice@dev.mssante.test", "a/b@dev.mssante.test", "o'neil@dev.mssante.test",
+                                     "a+tag@dev.mssante.test"])
+def test_an_account_address_holds_only_what_a_dovecot_login_may(engine: Engine, address: str) -> None:
+    """Valid envelope addresses, but not logins: '/' would name another mailbox directory."""
+    with pytest.raises(BadAccountInput, match="only letters, digits"):
+        AccountStore(engine).add(address, PW)
+    assert AccountStore(engine).list() == []
