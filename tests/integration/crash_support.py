@@ -72,6 +72,8 @@ class Figures:
     queued_at_kill: list[int]
     """Messages in the victim's spool at each kill: accepted and not finished (being delivered or waiting)."""
     seconds: float
+    drained: bool
+    """Every spool on the path was empty at the end: nothing left waiting (a message stranded by a kill would be)."""
     lost_ids: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -79,7 +81,8 @@ class Figures:
         return [(f"role {self.role}: {self.sent} sent, {self.kills} SIGKILLs (messages in the spool at each: "
                  f"{at_kills}), {self.seconds:.1f} s"),
                 (f"  acknowledged {self.acknowledged}  delivered {self.delivered}  lost {self.lost}  "
-                 f"duplicated {self.duplicated}  (refused {self.refused}, unanswered at a kill {self.unknown})")]
+                 f"duplicated {self.duplicated}  (refused {self.refused}, unanswered at a kill {self.unknown}"
+                 f"{'' if self.drained else '; some spool was still not empty at the end'})")]
 
 
 def message(sender: str, to: str, message_id: str, size: int) -> bytes:
@@ -204,8 +207,10 @@ def run(role: Role, *, messages: int, clients: int, kills: int, size: int = 2048
     wanted = {ids[i] for i in load.acknowledged}
     deadline = time.monotonic() + (drain_timeout if drain_timeout is not None else max(120.0, messages * 0.2))
     found = maildir_ids(role.mailbox)
+    drained = False
     while time.monotonic() < deadline:
-        if wanted <= set(found) and not any(spool_count(gw) for gw in role.gateways):
+        drained = not any(spool_count(gw) for gw in role.gateways)
+        if wanted <= set(found) and drained:
             break
         time.sleep(0.5)
         found = maildir_ids(role.mailbox)
@@ -213,7 +218,7 @@ def run(role: Role, *, messages: int, clients: int, kills: int, size: int = 2048
     lost = sorted(wanted - set(ours))
     return Figures(role.name, messages, len(load.acknowledged), len(load.refused), len(load.unknown),
                    len(wanted & set(ours)), len(lost), sum(n - 1 for n in ours.values()), len(queued_at_kill),
-                   queued_at_kill, time.monotonic() - start, lost)
+                   queued_at_kill, time.monotonic() - start, drained, lost)
 
 
 def _connected(conn: smtplib.SMTP | None, role: Role, deadline: float) -> smtplib.SMTP:

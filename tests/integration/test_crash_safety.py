@@ -53,6 +53,7 @@ def crash(role: Role) -> Figures:
     assert figures.acknowledged >= MESSAGES // 2, figures.lines()
     assert figures.lost == 0, f"acknowledged and never delivered: {figures.lost_ids}"
     assert figures.delivered == figures.acknowledged
+    assert figures.drained, "a message was left in a spool (stranded by a kill?)"
     return figures
 
 
