@@ -78,17 +78,18 @@ def sqlite_import(db: Path, files: dict[str, Path]) -> tuple[float, float]:
     return time.perf_counter() - t0, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def lookups(db: Path, addresses: list[str]) -> tuple[float, float, float]:
+def lookups(db: Path, addresses: list[str]) -> tuple[float, float, float, float]:
     from directory_sync.database import make_engine
     from directory_sync.lookup import DirectoryLookup
 
     lookup = DirectoryLookup(make_engine(f"sqlite:///{db}"), threads=1)
     for a in addresses[:500]:
         lookup.lookup_blocking(a)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     for a in addresses:
         lookup.lookup_blocking(a)
     per_second = len(addresses) / (time.perf_counter() - t0)
+    per_cpu_second = len(addresses) / (time.thread_time() - cpu0)
 
     async def timed() -> list[float]:
         out = []
@@ -100,7 +101,7 @@ def lookups(db: Path, addresses: list[str]) -> tuple[float, float, float]:
 
     lat = sorted(asyncio.run(timed()))
     lookup.close()
-    return per_second, lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+    return per_second, per_cpu_second, lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
 
 
 def main() -> None:
@@ -154,8 +155,9 @@ def main() -> None:
         mss.read_text(encoding="utf-8").splitlines()[1:], min(args.lookups, mss_rows))]
     addresses = known + [f"inconnu{i}@medecin.mssante.fr" for i in range(len(known) // 10)]
     random.Random(6).shuffle(addresses)
-    per_second, p50, p99 = lookups(db, addresses)
+    per_second, per_cpu_second, p50, p99 = lookups(db, addresses)
     print(f"{'lookups per second (one thread)':44} {per_second:12,.0f} {'>= 50,000':>36}")
+    print(f"{'lookups per CPU second (that thread)':44} {per_cpu_second:12,.0f}")
     print(f"{'async lookup p50, ms':44} {p50:12.3f}")
     print(f"{'async lookup p99, ms':44} {p99:12.3f} {'< 1':>36}")
     if args.workdir is None:

@@ -135,12 +135,7 @@ class DirectoryLookup:
         if key is None:
             return None
         try:
-            cur = self._connection().cursor()
-            try:
-                cur.execute(self._sql, (key,))
-                rows = cur.fetchall()
-            finally:
-                cur.close()
+            rows = self._connection().execute(self._sql, (key,)).fetchall()
         except self._errors as exc:
             self._drop_connection()
             log.warning("directory lookup failed: %s", type(exc).__name__)
