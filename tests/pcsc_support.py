@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import os
 import subprocess
 import time
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from cps.devstack import (
+    BASE_PORT,
     DevStackError,
     card_command,
     card_present,
@@ -111,6 +113,7 @@ class PcscStack:
                                 "stop it, or start it with `python -m cps.devstack up`")
         else:
             self.pcscd_pid = running_pcscd_pid()
+        _evict_stale_cards()
         self.start_card()
 
     def start_card(self, latency: float = 0.0) -> None:
@@ -177,3 +180,37 @@ class PcscStack:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _evict_stale_cards() -> None:
+    """Stop a virtual card left in the tests' slot by a test session that was killed.
+
+    Called with the slot lock held: a live session would hold the lock, so any card process still
+    serving the slot's vpcd port belongs to a dead one and would answer in place of ours."""
+    port_argument = ["--port", str(BASE_PORT + TEST_SLOT)]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "cps.virtual_card" not in argv:
+            continue
+        at = argv.index("--port") if "--port" in argv else -1
+        if at < 0 or argv[at:at + 2] != port_argument:
+            continue
+        pid = int(proc.name)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            continue
+        wait_until(functools.partial(_gone, pid), 10, f"the stale virtual card (pid {pid}) to stop")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (or is a zombie nobody reaps: PID 1 here does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
