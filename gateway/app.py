@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -140,6 +141,8 @@ def _relay(cfg: GatewayConfig) -> OutboundRelay | None:
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly."""
     os.umask(0o077)  # spool, database and mailboxes hold plaintext: the gateway's user only
+    # A core file would hold message plaintext and private keys from memory: none is ever written.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # SQL and disk work runs in threads; with the default 5 ms GIL switch interval the event
     # loop waits behind a busy thread for up to 5 ms at each handoff, on every SMTP command.
     sys.setswitchinterval(0.0005)

@@ -260,9 +260,18 @@ def test_private_keys_written_by_dev_setup_are_private(flow: Flow) -> None:
             assert mode(path.parent) == 0o700, f"{path.parent}: {oct(mode(path.parent))}"
 
 
-def test_gateway_process_runs_with_a_private_umask(flow: Flow) -> None:
+def test_gateway_process_runs_with_a_private_umask_and_no_core_dumps(flow: Flow) -> None:
     gw: GatewayProcess = flow.world.a
     assert gw.proc is not None
     status = Path(f"/proc/{gw.proc.pid}/status").read_text()
     umask = next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:"))
     assert int(umask, 8) == 0o077
+    limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+    core = next(line.split()[4:6] for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core == ["0", "0"], core  # a core file would hold plaintext and keys
+
+
+def test_dovecot_sql_configuration_is_private(flow: Flow) -> None:
+    """It names the database (and carries a PostgreSQL password when there is one)."""
+    for gw in (flow.world.a, flow.world.b):
+        assert mode(gw.root / "dc" / "dovecot-sql.conf.ext") == 0o600
