@@ -37,6 +37,7 @@ from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
 from smime.keys import Decrypter, Signer
 from smime.message import sign_and_encrypt
+from smime.mime import split_header_body
 from smime.verify import match_from_address
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,9 @@ class Pipeline:
     async def _acknowledge(self, msg: QueuedMessage, rcpt: str, data: bytes, opened: InboundResult) -> None:
         """The MSSanté MDN (RFC 8098, mssante.md §1.7): `processed`, or its error form when the message could not be
         opened; sent from the recipient's account, so signed and encrypted like any mail, with a null sender."""
-        to = mdn_requested(data, return_path=msg.sender) if msg.sender else None
+        # Only the header block decides (Disposition-Notification-To, and whether it is an MDN itself): parsing the
+        # whole message, an S/MIME blob, for every delivery cost more than opening it.
+        to = mdn_requested(split_header_body(data)[0] + b"\r\n", return_path=msg.sender) if msg.sender else None
         if to is None or self._submit is None:
             return
         error = (str(opened.error_code), opened.error_label or "") if opened.verdict == "failed" and \
