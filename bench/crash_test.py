@@ -1,6 +1,6 @@
 """Crash safety under load: nothing acknowledged is lost when a gateway is killed with SIGKILL (issue 7, item 1).
 
-    .venv/bin/python bench/crash_test.py [--messages 2000] [--clients 8] [--kills 5] [--role all|submission|inbound|relay]
+    .venv/bin/python bench/crash_test.py [--messages 2000] [--clients 8] [--kills 5] [--role all|submission|...]
 
 For each role, `--clients` connections push `--messages` messages (each with its own Message-ID, sent once, never
 retried) while the gateway process is SIGKILLed `--kills` times at random moments and restarted each time:
@@ -8,6 +8,7 @@ retried) while the gateway process is SIGKILLed `--kills` times at random moment
   * inbound:    port 25 with a trust-space client certificate (a peer gateway) to a local mailbox of B; B is killed.
   * relay:      submission on A for a mailbox of B; A signs, encrypts and relays to B over mutual TLS, and A is
                 killed, its relay worker in the middle of deliveries.
+  * relay-peer: the same path, but B is killed under A's relay sessions (kept open between messages).
 When every spool is empty the recipient's Maildir is read, and the script prints per role: acknowledged (a 250
 after DATA), delivered (acknowledged and in the mailbox), lost (acknowledged and not there: must be 0) and
 duplicated (copies beyond the first). Exit status 1 when anything is lost. Needs root and Dovecot (as `make test`).
@@ -30,6 +31,7 @@ from tests.integration.crash_support import (
     Figures,
     Role,
     inbound_role,
+    relay_peer_role,
     relay_role,
     run,
     submission_role,
@@ -64,9 +66,9 @@ def main() -> int:
         if "submission" in roles:
             with submission_role(root / "single", log_level=args.log_level, workers=args.workers) as role:
                 results.append(crash(role))
-        if "inbound" in roles or "relay" in roles:
+        if set(roles) - {"submission"}:
             with two_gateway_world(root / "pair", log_level=args.log_level, workers=args.workers) as gws:
-                for make in (inbound_role, relay_role):
+                for make in (inbound_role, relay_role, relay_peer_role):
                     role = make(gws)
                     if role.name in roles:
                         results.append(crash(role))

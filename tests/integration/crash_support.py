@@ -5,9 +5,10 @@ at random moments and restarts it; afterwards the recipient's Maildir is read an
 must be there. A message is identified by its Message-ID, unique per run; each is sent once and never retried, so
 a copy too many is the gateway's doing (a delivery repeated after a crash), not the client's.
 
-Three roles, each a `Role`: `submission` (port 587 with STARTTLS and AUTH, local recipient, the gateway killed),
+Four roles, each a `Role`: `submission` (port 587 with STARTTLS and AUTH, local recipient, the gateway killed),
 `inbound` (port 25 with a trust-space client certificate, gateway B killed), `relay` (submission on A, which signs,
-encrypts and relays to B; A killed, so its relay worker dies in the middle of deliveries).
+encrypts and relays to B; A killed, so its relay worker dies in the middle of deliveries), `relay-peer` (the same
+path with B killed under A's open relay sessions).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.schema import DatabaseConfig
+from gateway.db import make_engine
 from gateway.devpki import create_dev_pki
+from gateway.spool import Spool
 from tests.integration.gateway_support import (
     ALICE,
     BOB,
@@ -34,7 +38,7 @@ from tests.integration.gateway_support import (
     two_gateways,
 )
 
-ROLES = ("submission", "inbound", "relay")
+ROLES = ("submission", "inbound", "relay", "relay-peer")
 
 LINE = b"Compte rendu de consultation, ligne de texte pour l'essai de panne.\r\n"
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*<([^>]+)>", re.IGNORECASE | re.MULTILINE)
@@ -74,6 +78,8 @@ class Figures:
     seconds: float
     drained: bool
     """Every spool on the path was empty at the end: nothing left waiting (a message stranded by a kill would be)."""
+    released: int
+    """Messages deferred by a kill (a peer that was down) and sent on by the operator's `queue retry`."""
     lost_ids: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -82,6 +88,7 @@ class Figures:
                  f"{at_kills}), {self.seconds:.1f} s"),
                 (f"  acknowledged {self.acknowledged}  delivered {self.delivered}  lost {self.lost}  "
                  f"duplicated {self.duplicated}  (refused {self.refused}, unanswered at a kill {self.unknown}"
+                 f"{f', deferred then retried by the operator {self.released}' if self.released else ''}"
                  f"{'' if self.drained else '; some spool was still not empty at the end'})")]
 
 
@@ -105,6 +112,16 @@ def maildir_ids(maildir: Path) -> Counter[str]:
             if match:
                 found[match.group(1).decode("ascii", "replace")] += 1
     return found
+
+
+def retry_deferred(gw: GatewayProcess) -> int:
+    """`mssgw queue retry` for every deferred message of `gw` (through the same Spool method, without a process each)."""
+    engine = make_engine(DatabaseConfig(url=gw.database_url))
+    try:
+        spool = Spool(gw.root / "spool", engine)
+        return sum(spool.release(entry.id) for entry in spool.entries(("deferred",)))
+    finally:
+        engine.dispose()
 
 
 def spool_count(gw: GatewayProcess) -> int:
@@ -207,18 +224,21 @@ def run(role: Role, *, messages: int, clients: int, kills: int, size: int = 2048
     wanted = {ids[i] for i in load.acknowledged}
     deadline = time.monotonic() + (drain_timeout if drain_timeout is not None else max(120.0, messages * 0.2))
     found = maildir_ids(role.mailbox)
-    drained = False
+    drained, released = False, 0
     while time.monotonic() < deadline:
         drained = not any(spool_count(gw) for gw in role.gateways)
         if wanted <= set(found) and drained:
             break
+        # What a kill deferred (the next hop was down) waits 5 minutes for its next attempt: the operator's
+        # `mssgw queue retry` sends it now, as after any outage.
+        released += sum(retry_deferred(gw) for gw in role.gateways)
         time.sleep(0.5)
         found = maildir_ids(role.mailbox)
     ours = {mid: n for mid, n in found.items() if mid.startswith(tag)}
     lost = sorted(wanted - set(ours))
     return Figures(role.name, messages, len(load.acknowledged), len(load.refused), len(load.unknown),
                    len(wanted & set(ours)), len(lost), sum(n - 1 for n in ours.values()), len(queued_at_kill),
-                   queued_at_kill, time.monotonic() - start, drained, lost)
+                   queued_at_kill, time.monotonic() - start, drained, released, lost)
 
 
 def _connected(conn: smtplib.SMTP | None, role: Role, deadline: float) -> smtplib.SMTP:
@@ -288,6 +308,12 @@ def inbound_role(gws: TwoGateways) -> Role:
 def relay_role(gws: TwoGateways) -> Role:
     """alice submits on A for bob on B: A signs, encrypts and relays; A is the victim, killed mid-relay."""
     return Role("relay", gws.a, lambda: gws.a.smtp(gws.alice, timeout=CLIENT_TIMEOUT), gws.alice, gws.bob,
+                gws.b.maildir(gws.bob), (gws.a, gws.b))
+
+
+def relay_peer_role(gws: TwoGateways) -> Role:
+    """The same path, but B dies: A's relay sessions (kept open between messages) break under it."""
+    return Role("relay-peer", gws.b, lambda: gws.a.smtp(gws.alice, timeout=CLIENT_TIMEOUT), gws.alice, gws.bob,
                 gws.b.maildir(gws.bob), (gws.a, gws.b))
 
 

@@ -1,5 +1,5 @@
 """Crash safety under load, smaller than bench/crash_test.py (issue 7, item 1): per role, 150 messages from 8
-clients while the gateway process is SIGKILLed 3 times at random moments and restarted; every message that got a
+clients while a gateway process is SIGKILLed 3 times at random moments and restarted; every message that got a
 `250` is in the recipient's mailbox afterwards, and a local delivery cut by a kill is not made twice. A relayed
 message can still be duplicated (the peer took it, the kill came before the result was recorded): reported, not
 failed, as RFC 5321 §6.1 prefers a duplicate to a loss.
@@ -18,6 +18,7 @@ from tests.integration.crash_support import (
     Figures,
     Role,
     inbound_role,
+    relay_peer_role,
     relay_role,
     run,
     submission_role,
@@ -74,3 +75,9 @@ def test_relay_worker_killed_mid_delivery_loses_nothing(pair: TwoGateways) -> No
     assert any(figures.queued_at_kill), figures.queued_at_kill
     verdicts = pair.b.log.read_text(encoding="utf-8", errors="replace").count("security verdict verified")
     assert verdicts >= figures.delivered, "B delivered relayed messages it did not verify"
+
+
+def test_peer_killed_under_open_relay_sessions_loses_nothing(pair: TwoGateways) -> None:
+    """B dies under A's relay sessions (kept open between messages): what A had not handed over waits in A's queue
+    (deferred, then retried as an operator would once B is back), nothing acknowledged is lost."""
+    crash(relay_peer_role(pair))
