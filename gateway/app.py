@@ -29,8 +29,8 @@ from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import AccountKeys, KeyRing, Pipeline, load_trust
 from gateway.redelivery import DoveadmCopies
-from gateway.relay import OutboundRelay, RelayLimiter, client_tls_context
-from gateway.relay_sessions import SessionCache
+from gateway.relay import OutboundRelay, client_tls_context
+from gateway.relay_sessions import RelayLimiter, SessionCache
 from gateway.spool import GroupCommitter, Incoming, Spool
 from gateway.submission import RemotePolicy, SubmissionHandler, start_submission
 from gateway.tls import server_context

@@ -13,6 +13,10 @@ The SMTP dialogue uses aiosmtplib rather than a client of our own: it already do
 RFC 5321 §4.2.1), dot-stuffing (§4.5.2), STARTTLS on the open transport with RFC 3207 §4.2's discard of
 pre-TLS state and buffered bytes, and per-command timeouts. What is ours, and lives here, is the policy:
 which hop to try next, TLS required, and the mapping of every outcome to a per-recipient reply.
+
+Sessions are reused (gateway.relay_sessions): a handshake per message cost more than a small message's
+transaction. A reused session that turns out dead at MAIL, before any recipient, is replaced by a new one,
+which cannot duplicate anything; once a recipient is accepted, a failure is answered per recipient as above.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import contextlib
 import hashlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +34,12 @@ import aiosmtplib
 
 from gateway.errors import GatewayError, SmtpReplyError
 from gateway.nexthop import Hop, NextHopError, NextHopResolver
-from gateway.relay_sessions import PeerSession, SessionCache
+from gateway.relay_sessions import PeerSession, RelayLimiter, SessionCache
 from gateway.tls import MSSANTE_TLS12_CIPHERS, TLSSetupError
+
+__all__ = ["BadRecipientAddress", "ConnectFailed", "ConnectionLost", "OutboundRelay", "PeerUnusable", "RelayConfigError",
+           "RelayError", "RelayLimiter", "RelayTLSContext", "TlsFailed", "TlsRequired", "answers_for",
+           "client_tls_context", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ Reply = tuple[int, str]
 
 #: RFC 5321 §4.5.3.2.6: wait at least 10 minutes for the reply to the final dot.
 DATA_END_TIMEOUT = 600.0
+#: The answer to MAIL on a session taken from the cache: past this, the session is taken for dead.
+REUSED_MAIL_TIMEOUT = 30.0
 
 
 class RelayTLSContext(ssl.SSLContext):
@@ -324,7 +334,9 @@ async def _transaction(session: PeerSession, message: bytes, sender: str, recipi
             if not recipients:
                 return answers, False, True
     try:
-        await smtp.mail(sender, options=options, encoding=encoding)
+        # A reused session the peer silently lost would hold MAIL for the whole timeout: a shorter one there.
+        await smtp.mail(sender, options=options, encoding=encoding,
+                        timeout=min(timeout, REUSED_MAIL_TIMEOUT) if reused else timeout)
     except aiosmtplib.SMTPSenderRefused as exc:
         if reused and exc.code == 421:
             raise _Stale(f"{exc.code} {exc.message}") from exc  # RFC 5321 §3.8: the peer is closing the session
@@ -447,56 +459,3 @@ class OutboundRelay:
         async with self.limiter.slot(domain):
             return await relay(message, sender, recipients, hops, tls=self.tls, helo=self.helo, timeout=self.timeout,
                                sessions=self.sessions)
-
-
-@dataclass(slots=True)
-class _Destination:
-    semaphore: asyncio.Semaphore
-    active: int = 0
-    waiting: int = 0
-
-
-class RelayLimiter:
-    """At most `per_destination` relay sessions per destination domain at once (issue 6, item 3), so one busy
-    or slow peer neither takes every worker nor sees more parallel connections than is polite."""
-
-    def __init__(self, per_destination: int) -> None:
-        if per_destination < 1:
-            raise ValueError("per_destination must be at least 1")
-        self.per_destination = per_destination
-        self._destinations: dict[str, _Destination] = {}
-
-    @contextlib.asynccontextmanager
-    async def slot(self, domain: str) -> AsyncIterator[None]:
-        key = domain.lower().rstrip(".")
-        dest = self._destinations.get(key)
-        if dest is None:
-            dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.per_destination))
-        dest.waiting += 1
-        try:
-            await dest.semaphore.acquire()
-        except BaseException:
-            dest.waiting -= 1
-            self._forget_if_idle(key, dest)
-            raise
-        dest.waiting -= 1
-        dest.active += 1
-        try:
-            yield
-        finally:
-            dest.active -= 1
-            dest.semaphore.release()
-            self._forget_if_idle(key, dest)
-
-    def _forget_if_idle(self, key: str, dest: _Destination) -> None:
-        """Drop the entry of a destination nobody uses, so the table does not grow with every domain ever seen."""
-        if dest.active == 0 and dest.waiting == 0 and self._destinations.get(key) is dest:
-            del self._destinations[key]
-
-    def active(self, domain: str) -> int:
-        dest = self._destinations.get(domain.lower().rstrip("."))
-        return dest.active if dest else 0
-
-    def waiting(self, domain: str) -> int:
-        dest = self._destinations.get(domain.lower().rstrip("."))
-        return dest.waiting if dest else 0

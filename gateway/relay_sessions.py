@@ -1,4 +1,5 @@
-"""Authenticated TLS sessions to next hops, kept open between messages (Postfix's SMTP connection cache).
+"""Sessions with next hops: how many at once per destination (`RelayLimiter`), and the authenticated TLS
+sessions kept open between messages (`SessionCache`, Postfix's SMTP connection cache).
 
 A relay session costs a TCP connection, a TLS handshake with certificates both ways and two EHLOs before the
 first MAIL; between two gateways that exchange mail all day, that is most of the cost of a small message.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -123,3 +125,56 @@ async def _quit(session: PeerSession) -> None:
     with contextlib.suppress(aiosmtplib.SMTPException, OSError):
         await session.smtp.quit(timeout=QUIT_TIMEOUT)
     session.abort()
+
+
+@dataclass(slots=True)
+class _Destination:
+    semaphore: asyncio.Semaphore
+    active: int = 0
+    waiting: int = 0
+
+
+class RelayLimiter:
+    """At most `per_destination` relay sessions per destination domain at once (issue 6, item 3), so one busy
+    or slow peer neither takes every worker nor sees more parallel connections than is polite."""
+
+    def __init__(self, per_destination: int) -> None:
+        if per_destination < 1:
+            raise ValueError("per_destination must be at least 1")
+        self.per_destination = per_destination
+        self._destinations: dict[str, _Destination] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, domain: str) -> AsyncIterator[None]:
+        key = domain.lower().rstrip(".")
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.per_destination))
+        dest.waiting += 1
+        try:
+            await dest.semaphore.acquire()
+        except BaseException:
+            dest.waiting -= 1
+            self._forget_if_idle(key, dest)
+            raise
+        dest.waiting -= 1
+        dest.active += 1
+        try:
+            yield
+        finally:
+            dest.active -= 1
+            dest.semaphore.release()
+            self._forget_if_idle(key, dest)
+
+    def _forget_if_idle(self, key: str, dest: _Destination) -> None:
+        """Drop the entry of a destination nobody uses, so the table does not grow with every domain ever seen."""
+        if dest.active == 0 and dest.waiting == 0 and self._destinations.get(key) is dest:
+            del self._destinations[key]
+
+    def active(self, domain: str) -> int:
+        dest = self._destinations.get(domain.lower().rstrip("."))
+        return dest.active if dest else 0
+
+    def waiting(self, domain: str) -> int:
+        dest = self._destinations.get(domain.lower().rstrip("."))
+        return dest.waiting if dest else 0
