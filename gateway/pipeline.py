@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -270,10 +271,13 @@ class Pipeline:
     async def _acknowledge(self, msg: QueuedMessage, rcpt: str, data: bytes, opened: InboundResult) -> None:
         """The MSSanté MDN (RFC 8098, mssante.md §1.7): `processed`, or its error form when the message could not be
         opened; sent from the recipient's account, so signed and encrypted like any mail, with a null sender."""
-        # Only the header block decides (Disposition-Notification-To, and whether it is an MDN itself): parsing the
-        # whole message, an S/MIME blob, for every delivery cost more than opening it.
-        to = mdn_requested(split_header_body(data)[0] + b"\r\n", return_path=msg.sender) if msg.sender else None
-        if to is None or self._submit is None:
+        # Only the header block decides (Disposition-Notification-To, and whether it is an MDN itself), and without
+        # that field there is nothing to parse: parsing every delivered message cost about as much as opening it.
+        header = split_header_body(data)[0]
+        if not msg.sender or self._submit is None or not _ASKS_FOR_MDN.search(header):
+            return
+        to = mdn_requested(header + b"\r\n", return_path=msg.sender)
+        if to is None:
             return
         error = (str(opened.error_code), opened.error_label or "") if opened.verdict == "failed" and \
             opened.error_code is not None else None
@@ -299,6 +303,11 @@ class Pipeline:
                                       recipients=statuses)
         replies = await self._lmtp.deliver("", [msg.sender], dsn)
         log.info("failure notice to <%s>: %s", msg.sender, replies[msg.sender].code)
+
+
+# A Disposition-Notification-To field (RFC 8098 §2.1) at the start of a header line; WSP before the colon is the
+# obsolete syntax of RFC 5322 §4.5.3, still read.
+_ASKS_FOR_MDN = re.compile(rb"(?im)^disposition-notification-to[ \t]*:")
 
 
 def _rpps_of(cert: x509.Certificate) -> str | None:
