@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="length of each paced run (default 10 s)")
     ap.add_argument("--poll-ms", type=float, default=10.0, help="IMAP NOOP polling interval on B (default 10 ms)")
     ap.add_argument("--workers", type=int, default=8, help="spool workers on each gateway (default 8)")
+    ap.add_argument("--inbound-processes", type=int, default=1,
+                    help="smime.processes on each gateway: worker processes opening inbound mail (default 1)")
     ap.add_argument("--no-card", action="store_true", help="leave out the virtual-card route")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -278,7 +280,8 @@ def main() -> None:
     stack = None if args.no_card else start_card(root, pki_a.directory, pki_a.personnes_cert)
     jeanne = pki_a.practitioner(CARD_RPPS)
     gws = two_gateways(root, pki_a, pki_b, log_level="WARNING", spool_workers=args.workers,
-                       card_holders=[jeanne] if stack is not None else [], plain_domain=PLAIN_DOMAIN)
+                       card_holders=[jeanne] if stack is not None else [], plain_domain=PLAIN_DOMAIN,
+                       inbound_processes=args.inbound_processes)
     watchers: list[Watcher] = []
     try:
         gws.start()
@@ -299,7 +302,8 @@ def main() -> None:
         for route in routes:  # warm-up: sessions, caches, the directory, the card's PIN state
             run(route, clients=1, total=3, size=args.size)
         print(f"secure relay benchmark: {args.messages} messages of {args.size} B per measurement, median of "
-              f"{args.repeats}; {args.workers} spool workers per gateway; A -> B over mutual TLS on loopback")
+              f"{args.repeats}; {args.workers} spool workers and smime.processes = {args.inbound_processes} per "
+              "gateway; A -> B over mutual TLS on loopback")
         print("plain relay = the same two gateways and path with S/MIME off for that destination (relay.plain_domains);")
         print("  B local = bob -> bob on B alone (no relay hop, no S/MIME), for reference")
         header = f"{'clients':>7}  {'S/MIME file msg/s':>17}  {'p50 ms':>6}  {'p99 ms':>6}"

@@ -115,6 +115,8 @@ class SmimeConfig:
     crls: Path | None = None
     keys: tuple[KeyFileConfig, ...] = ()
     cards: tuple[CardBinding, ...] = ()
+    processes: int = 0
+    """Worker processes that open inbound mail for key-file recipients (0: on the event loop)."""
 
 
 @dataclass(frozen=True, slots=True)

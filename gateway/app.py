@@ -25,6 +25,7 @@ from gateway.db import create_tables, make_engine
 from gateway.delivery import DeliveryWorker
 from gateway.dovecot import DovecotSupervisor
 from gateway.inbound import InboundHandler, peer_tls_context, start_inbound
+from gateway.inbound_workers import InboundWorkers
 from gateway.lmtp import LmtpPool
 from gateway.nexthop import NextHopResolver
 from gateway.pipeline import AccountKeys, KeyRing, Pipeline, load_trust
@@ -54,6 +55,7 @@ class Gateway:
         self.worker: DeliveryWorker | None = None
         self._committer = GroupCommitter(self.spool)
         self.cards: CardKeys | None = None
+        self.inbound_workers: InboundWorkers | None = None
         self._card_watch: asyncio.Task[None] | None = None
         self._servers: list[asyncio.Server] = []
 
@@ -68,8 +70,13 @@ class Gateway:
         keys = AccountKeys(await asyncio.to_thread(KeyRing.load, self.cfg.smime), self.cards)
         trust = await asyncio.to_thread(load_trust, self.cfg.smime)
         copies = DoveadmCopies(self.dovecot.conf_path) if self.dovecot is not None else None
+        processes = self.cfg.smime.processes if self.cfg.smime is not None and self.cfg.inbound is not None else 0
+        if processes and trust is not None:
+            self.inbound_workers = InboundWorkers(self.cfg, processes)
+            await self.inbound_workers.start()
         self.pipeline = Pipeline(self.cfg, self.lmtp, relay=self.relay, keys=keys, directory=self.directory,
-                                 trust=trust, submit=self._submit_own, has_copy=copies.holds if copies else None)
+                                 trust=trust, submit=self._submit_own, has_copy=copies.holds if copies else None,
+                                 open_elsewhere=self.inbound_workers.open if self.inbound_workers else None)
         self.worker = DeliveryWorker(self.spool, self.pipeline.process, notify=self.pipeline.notify,
                                      concurrency=self.cfg.spool.workers)
         await asyncio.to_thread(self.spool.recover)
@@ -115,6 +122,8 @@ class Gateway:
             await self.worker.stop()
         if self.relay is not None:
             await self.relay.close()
+        if self.inbound_workers is not None:
+            await self.inbound_workers.close()
         if self.cards is not None:
             await self.cards.close()
         await self.lmtp.close()

@@ -39,7 +39,7 @@ from smime.filekeys import FileKey
 from smime.keys import Decrypter, Signer
 from smime.message import sign_and_encrypt
 from smime.mime import split_header_body
-from smime.verify import match_from_address
+from smime.verify import AsyncIdentityCheck, match_from_address
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ def load_trust(cfg: SmimeConfig | None) -> TrustStore | None:
     return TrustStore.from_pem(cfg.trust_anchors.read_bytes(), crls)
 
 
+# Opens an inbound message for a recipient whose key is a key file somewhere else than on the event loop
+# (gateway.inbound_workers.InboundWorkers.open): what secure_inbound would return.
+OpenElsewhere = Callable[[bytes, str], Awaitable[InboundResult]]
+
 # Queues a message the gateway writes itself (an MDN), for the worker to sign, encrypt and relay.
 Submit = Callable[[Incoming], Awaitable[None]]
 # holds(address, queue id): whether the mailbox already has the copy of a delivery a crash interrupted
@@ -112,8 +116,8 @@ HasCopy = Callable[[str, str], Awaitable[bool]]
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, lmtp: LmtpPool, *, relay: OutboundRelay | None = None,
                  keys: AccountKeys | None = None, directory: DirectoryLookup | None = None,
-                 trust: TrustStore | None = None, submit: Submit | None = None, has_copy: HasCopy | None = None
-                 ) -> None:
+                 trust: TrustStore | None = None, submit: Submit | None = None, has_copy: HasCopy | None = None,
+                 open_elsewhere: OpenElsewhere | None = None) -> None:
         self._cfg = cfg
         self._lmtp = lmtp
         self._relay = relay
@@ -122,6 +126,8 @@ class Pipeline:
         self._trust = trust
         self._submit = submit
         self._has_copy = has_copy
+        self._open_elsewhere = open_elsewhere
+        self._identity = signer_identity(directory)
         self._plain_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.plain_domains)
 
     async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
@@ -232,10 +238,13 @@ class Pipeline:
         return results
 
     async def _inbound_one(self, msg: QueuedMessage, rcpt: str, data: bytes, trust: TrustStore) -> RecipientResult:
-        identity = self._identity if self._directory is not None else None
         try:
-            opened = await secure_inbound(data, recipient=rcpt, decrypter=self._keys.decrypter(rcpt),
-                                          trust=trust, identity_check=identity, hostname=self._cfg.hostname)
+            decrypter = self._keys.decrypter(rcpt)
+            if self._open_elsewhere is not None and isinstance(decrypter, FileKey):
+                opened = await self._open_elsewhere(data, rcpt)  # off the event loop (gateway.inbound_workers)
+            else:
+                opened = await secure_inbound(data, recipient=rcpt, decrypter=decrypter, trust=trust,
+                                              identity_check=self._identity, hostname=self._cfg.hostname)
         except Exception as exc:
             hold = self._keys.hold(rcpt, exc)
             if hold is not None:
@@ -251,22 +260,6 @@ class Pipeline:
             except Exception:  # the copy is delivered: a lost MDN must not bring a second one (RFC 8098 §2.1)
                 log.exception("to=<%s> the MDN could not be queued", rcpt)
         return delivered
-
-    async def _identity(self, cert: x509.Certificate, sender: str | None) -> str:
-        """The signer's RPPS number must own the From address in the directory (mssante.md §5, item 11);
-        an organisation certificate (no RPPS) must carry the address itself (RFC 8550 §3)."""
-        rpps = _rpps_of(cert)
-        if rpps is None:
-            return match_from_address(cert, sender)
-        if sender is None:
-            raise SenderMismatch(None, "no From address to compare with the signer's RPPS number")
-        assert self._directory is not None
-        entry = await self._directory.lookup(sender)
-        owner = entry.rpps if entry is not None else None
-        if owner != rpps:
-            raise SenderMismatch(sender, f"the MSSanté directory gives {sender} to RPPS {owner or 'nobody'}, "
-                                         f"the signer is RPPS {rpps}")
-        return f"From {sender} belongs to RPPS {rpps} in the MSSanté directory"
 
     async def _acknowledge(self, msg: QueuedMessage, rcpt: str, data: bytes, opened: InboundResult) -> None:
         """The MSSanté MDN (RFC 8098, mssante.md §1.7): `processed`, or its error form when the message could not be
@@ -308,6 +301,29 @@ class Pipeline:
 # A Disposition-Notification-To field (RFC 8098 §2.1) at the start of a header line; WSP before the colon is the
 # obsolete syntax of RFC 5322 §4.5.3, still read.
 _ASKS_FOR_MDN = re.compile(rb"(?im)^disposition-notification-to[ \t]*:")
+
+
+def signer_identity(directory: DirectoryLookup | None) -> AsyncIdentityCheck | None:
+    """The identity hook of `secure_inbound`: the signer's RPPS number must own the From address in the directory
+    (mssante.md §5, item 11); an organisation certificate (no RPPS) must carry the address itself (RFC 8550 §3).
+    None without a directory (smime/'s default check then applies)."""
+    if directory is None:
+        return None
+
+    async def check(cert: x509.Certificate, sender: str | None) -> str:
+        rpps = _rpps_of(cert)
+        if rpps is None:
+            return match_from_address(cert, sender)
+        if sender is None:
+            raise SenderMismatch(None, "no From address to compare with the signer's RPPS number")
+        entry = await directory.lookup(sender)
+        owner = entry.rpps if entry is not None else None
+        if owner != rpps:
+            raise SenderMismatch(sender, f"the MSSanté directory gives {sender} to RPPS {owner or 'nobody'}, "
+                                         f"the signer is RPPS {rpps}")
+        return f"From {sender} belongs to RPPS {rpps} in the MSSanté directory"
+
+    return check
 
 
 def _rpps_of(cert: x509.Certificate) -> str | None:

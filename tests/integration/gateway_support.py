@@ -208,7 +208,8 @@ def dev_pkis(root: Path) -> tuple[DevPki, DevPki]:
 def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[str, str] | None = None,
                  mailboxes: Sequence[tuple[str, Path]] = (), log_level: str = "DEBUG",
                  spool_workers: int = 4, card_holders: Sequence[Practitioner] = (),
-                 operators: Mapping[str, str | None] | None = None, plain_domain: str | None = None) -> TwoGateways:
+                 operators: Mapping[str, str | None] | None = None, plain_domain: str | None = None,
+                 inbound_processes: int = 0) -> TwoGateways:
     """Configure (not start) A and B: both trust both PKIs' roots and CRLs and the trust space {A, B, routed
     domains}, A and B with the subject of their gateway certificate as operator DN (`operators` adds domains
     or replaces the DN given, None for none); each signs/decrypts with its organisation key file; A routes B's
@@ -218,7 +219,8 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
     published with their RPPS number in B's directory (which checks the signer's RPPS against the From
     address). The directories are seeded as `mssgw demo setup` seeds the demo's (gateway.devdirectory).
     `plain_domain`: a second domain of B, with a mailbox `bob` of its own, to which A relays WITHOUT S/MIME
-    (`relay.plain_domains`): the plain relay through the same two gateways (bench/relay_bench.py)."""
+    (`relay.plain_domains`): the plain relay through the same two gateways (bench/relay_bench.py).
+    `inbound_processes`: `smime.processes` of both (inbound mail opened in worker processes)."""
     anchors, crls = root / "anchors.pem", root / "crls.pem"
     anchors.write_bytes(pki_a.ca_bundle.read_bytes() + pki_b.ca_bundle.read_bytes())
     crls.write_bytes(pki_a.crls_pem.read_bytes() + pki_b.crls_pem.read_bytes())
@@ -235,7 +237,7 @@ def two_gateways(root: Path, pki_a: DevPki, pki_b: DevPki, *, routes: Mapping[st
         bindings = ", ".join(f'{{ account = "{p.email}", rpps = "{p.rpps}" }}' for p in cards)
         return (f'[smime]\ntrust_anchors = "{anchors}"\ncrls = "{crls}"\n'
                 f'keys = [{{ account = "{account}", cert = "{pki.organisation.cert}", '
-                f'key = "{pki.organisation.key}" }}]\ncards = [{bindings}]\n')
+                f'key = "{pki.organisation.key}" }}]\ncards = [{bindings}]\nprocesses = {inbound_processes}\n')
 
     inbound = '[inbound]\nlisten = { host = "127.0.0.1", port = INBOUND_PORT }\n'
     a_inbound = free_port()  # B routes A's domain back to it (MDNs)

@@ -78,7 +78,8 @@ def world(dovecot_binary: Path) -> Iterator[World]:
     # C's certificates are others of PKI B's (nobody decrypts there).
     gws = two_gateways(root, pki_a, pki_b, routes={C: f"[127.0.0.1]:{capture_port}"},
                        mailboxes=[(f"secretariat@{C}", pki_b.practitioners[0].auth_cert),
-                                  (f"refused@{C}", pki_b.practitioners[1].auth_cert)], plain_domain=PLAIN)
+                                  (f"refused@{C}", pki_b.practitioners[1].auth_cert)], plain_domain=PLAIN,
+                       inbound_processes=1)  # B opens bob's mail in a worker process (smime.processes)
     gws.start()
     assert gws.plain_bob is not None
     try:
@@ -214,3 +215,12 @@ def test_plain_relay_only_to_the_domains_configured_for_it(world: World) -> None
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert email.message_from_bytes(secure[0], policy=email.policy.default)["MSSGW-Security"].startswith("verified")
+
+
+def test_b_opens_inbound_mail_in_a_worker_process(world: World) -> None:
+    """smime.processes = 1: B runs one worker process (spawned by multiprocessing) beside its Dovecot, and the
+    mail the other tests read verified was opened there (a key-file recipient)."""
+    assert world.b.proc is not None
+    children = Path(f"/proc/{world.b.proc.pid}/task/{world.b.proc.pid}/children").read_text().split()
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children if Path(f"/proc/{pid}").exists()]
+    assert sum(b"spawn_main" in c for c in commands) == 1, commands
