@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +28,7 @@ from directory_sync.lookup import DirectoryLookup
 from gateway.db import make_engine
 from gateway.errors import GatewayError
 from gateway.inbound_security import InboundResult, secure_inbound
+from gateway.logsetup import setup_logging
 from gateway.pipeline import KeyRing, load_trust, signer_identity
 from smime.certpath import TrustStore
 
@@ -48,14 +52,24 @@ _worker: _Worker | None = None
 
 
 def _start(cfg: GatewayConfig) -> None:
-    """In each worker process, once: the parent handles SIGINT/SIGTERM and stops the pool itself."""
+    """In each worker process, once: the parent handles SIGINT/SIGTERM and stops the pool itself; should the
+    parent die without doing so (SIGKILL), the worker notices and exits rather than linger."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging(cfg.logging)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     trust = load_trust(cfg.smime)
     assert trust is not None
     _worker = _Worker(cfg, KeyRing.load(cfg.smime), trust, DirectoryLookup(make_engine(cfg.database), threads=1),
                       asyncio.new_event_loop())
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _open(data: bytes, recipient: str) -> InboundResult:
