@@ -20,7 +20,7 @@ DEBS := libpcsclite-dev pcscd vsmartcard-vpcd pcsc-tools iproute2 util-linux pro
 
 DEV_RPPS := 10001234567
 
-.PHONY: run test lint bench setup debs venv mail-user dev-setup pcsc-up pcsc-down clean
+.PHONY: run test lint bench fuzz setup debs venv mail-user dev-setup pcsc-up pcsc-down clean
 
 # The demo: the gateway of $(CONFIG) and its peer gateway ($(PEER_CONFIG), another domain), while the virtual
 # CPS card of the first practitioner sits in "Gateway Test PCD 00 00"; Ctrl-C stops both gateways, then the card
@@ -42,6 +42,23 @@ lint: setup
 	$(VENV)/bin/ruff check --line-length 120 gateway smime cps directory_sync config tests bench
 	$(VENV)/bin/mypy gateway smime cps directory_sync config
 	$(VENV)/bin/lint-imports
+
+# The fuzz targets of tests/fuzz with a large budget: FUZZ_SECONDS in all (default 300), two thirds to the Hypothesis
+# targets (each runs rounds of fresh examples for its share), one third to atheris (coverage-guided, when
+# installed) over the byte-level ones. Failing inputs stay in .hypothesis/ and var/fuzz/.
+FUZZ_SECONDS ?= 300
+
+fuzz: setup
+	@mkdir -p var/fuzz; \
+	targets=$$($(PY) -m tests.fuzz.atheris_run --list 2>/dev/null | wc -l); \
+	if $(PY) -c 'import atheris' 2>/dev/null && [ "$$targets" -gt 0 ]; then hyp=$$(( $(FUZZ_SECONDS) * 2 / 3 )); \
+	else hyp=$(FUZZ_SECONDS); echo "atheris is not installed: Hypothesis only"; fi; \
+	MSSGW_FUZZ_PROFILE=fuzz FUZZ_SECONDS=$$hyp $(PY) -m pytest tests/fuzz -q -s --timeout=0 -p no:cacheprovider || exit 1; \
+	if [ $$hyp -lt $(FUZZ_SECONDS) ]; then each=$$(( ($(FUZZ_SECONDS) - hyp) / targets )); [ $$each -ge 1 ] || each=1; \
+	  for t in $$($(PY) -m tests.fuzz.atheris_run --list); do echo "== atheris $$t ($$each s)"; \
+	    $(PY) -m tests.fuzz.atheris_run $$t -max_total_time=$$each -artifact_prefix=var/fuzz/ -rss_limit_mb=3072 \
+	      2>&1 | grep -E '^(Done|==|INFO: Seed)|Error|Traceback|crash|Falsifying' ; \
+	    [ $${PIPESTATUS[0]} = 0 ] || exit 1; done; fi
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -4,7 +4,7 @@
 under a minute. `fuzz` (what `make fuzz` runs): each target runs round after round of examples, each
 round with fresh random data, until its share of FUZZ_SECONDS (default 300 for the directory) is spent.
 A failing example is kept in Hypothesis's database (.hypothesis/) and replayed first by the next run;
-once understood it becomes an explicit regression test.
+once understood it becomes an explicit regression test (an @example, or a unit test beside the module).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 PROFILE = os.environ.get("MSSGW_FUZZ_PROFILE", "ci")
 FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "300"))
@@ -22,8 +22,10 @@ _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter
             HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK,
                           print_blob=True)
+# No shrinking under `fuzz`: it can take minutes on one failure and eat the budget; the failing example is
+# saved, and the next `ci` run (`make test`) replays and shrinks it.
 settings.register_profile("fuzz", max_examples=400, deadline=None, suppress_health_check=_SLOW_OK,
-                          print_blob=True)
+                          print_blob=True, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
 FUZZ = settings.get_profile(PROFILE)  # applied by each target (@FUZZ), not loaded for the rest of the suite
 
 _budget: dict[str, float] = {}

@@ -92,7 +92,10 @@ def test_sign_any_entity(entity: bytes) -> None:
 @given(entity=mime_entities(SAMPLES))
 def test_structure_scan_sees_at_least_what_the_email_package_builds(entity: bytes) -> None:
     """The limit holds only if the scan never counts fewer levels or parts than the parser it protects."""
-    depth, parts = email_view(entity)
+    try:
+        depth, parts = email_view(entity)
+    except (TypeError, ValueError, LookupError, IndexError):  # the email package itself fails on this header
+        depth = parts = 0  # so canonicalize (below) must refuse it, typed
     if depth > 1:
         with pytest.raises(LimitExceeded):
             check_structure(entity, ParseLimits(max_mime_depth=depth - 1))
