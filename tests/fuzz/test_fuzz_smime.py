@@ -13,15 +13,16 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from smime import der
 from smime.envelope import decrypt_content
-from smime.errors import LimitExceeded, SmimeError
+from smime.errors import LimitExceeded, MalformedCms, SmimeError
 from smime.inspect import inspect_entity
 from smime.limits import ParseLimits
 from smime.message import open_message
 from smime.mime import build_pkcs7_mime, canonicalize, check_structure, content_type
 from smime.signing import sign_entity
 from smime.verify import verify_signed_data
-from tests.fuzz.strategies import message_of, mime_entities, mutated_ber
+from tests.fuzz.strategies import message_of, mime_entities, mutated_ber, parse_der
 from tests.fuzz.support import cms_samples, email_view, fuzz_settings, keys
 
 SAMPLES = cms_samples()
@@ -106,3 +107,17 @@ def test_structure_scan_sees_at_least_what_the_email_package_builds(entity: byte
         canonicalize(entity)
     except SmimeError:
         pass  # over a limit, or a header the email package cannot read: refused, typed
+
+
+def test_duplicated_certificate_extension_is_malformed() -> None:
+    """Found fuzzing (a subtree doubled): cryptography raised DuplicateExtension, not a ValueError, on first use
+    of the signer certificate's extensions, out of verify_signed_data."""
+    root = parse_der(SAMPLES["opaque"])
+    san = der.oid("2.5.29.17")[2:]
+    extension = next(node for _, node in root.walk()
+                     if node.children and node.children[0].tag == b"\x06" and node.children[0].contents == san)
+    parent = next(p for p, node in root.walk() if node is extension)
+    assert parent is not None and parent.children is not None
+    parent.children.append(extension)
+    with pytest.raises(MalformedCms, match="DuplicateExtension"):
+        verify_signed_data(root.encode(), None, trust=keys().trust, identity_check=None)
