@@ -59,6 +59,10 @@ class ArchiveRefused(DirectoryError):
         where = f"{self.path}!{member}" if member else self.path
         super().__init__(f"{where}: archive refused: {reason}")
 
+    def __reduce__(self) -> tuple[type[ArchiveRefused], tuple[str, str | None, str]]:
+        """Picklable, so that the extract worker process can hand it to the importing one."""
+        return ArchiveRefused, (self.path, self.member, self.reason)
+
 
 class InvalidCertificate(DirectoryError):
     """A certificate offered to the directory that cannot be stored (not DER X.509, no owner, ...)."""

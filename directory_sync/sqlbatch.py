@@ -34,6 +34,14 @@ class Batches:
         if len(rows) >= BATCH:
             self.flush()
 
+    def add_many(self, rows: list[tuple[Any, ...]]) -> None:
+        if self.rows:
+            self.rows.extend(rows)
+        else:
+            self.rows = rows
+        if len(self.rows) >= BATCH:
+            self.flush()
+
     def flush(self) -> None:
         if self.rows:
             self.conn.exec_driver_sql(self.sql, self.rows)  # type: ignore[arg-type]
@@ -59,6 +67,13 @@ class CopyBatches(Batches):
             self.seq += 1
             row = (self.seq, *row)
         super().add(row)
+
+    def add_many(self, rows: list[tuple[Any, ...]]) -> None:
+        if not self.numbered:
+            super().add_many(rows)
+            return
+        for row in rows:
+            self.add(row)
 
     def flush(self) -> None:
         if not self.rows:

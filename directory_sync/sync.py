@@ -5,6 +5,8 @@ Why this shape:
   transaction (SQLite in WAL mode keeps serving the previous snapshot meanwhile).
 - Memory stays bounded whatever the file size: rows stream through in batches and the
   database computes the differences.
+- Parsing costs about as much as writing: for a large file the lines are parsed in a worker
+  process (pipeline.py) while this process only executes the inserts of a load or full compare.
 - Into empty tables there is nothing to compare: one pass inserts, and the secondary
   indexes are built once at the end (the snapshot's too, unless another extract's lines are
   already in it: then this extract's lines are staged and inserted in index order). A key
@@ -24,21 +26,17 @@ Why this shape:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import datetime as dt
-import gc
-import hashlib
 import logging
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select
 
-from directory_sync.errors import DeletionBrake, RowRejected
+from directory_sync.errors import DeletionBrake
 from directory_sync.extracts import (
     ExtractKind,
     ExtractReader,
@@ -49,6 +47,7 @@ from directory_sync.extracts import (
 )
 from directory_sync.mapping import SPECS, BoundEntity
 from directory_sync.models import SyncRun, extract_line
+from directory_sync.pipeline import Chunk, LineExtractor, extracted_chunks, gc_paused, line_hash
 from directory_sync.sqlbatch import (
     Batches,
     CopyBatches,
@@ -63,12 +62,9 @@ from directory_sync.sqlbatch import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELETE_SHARE = 0.10
-MAX_KEYS = 3
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, bytes done, bytes total)."""
-
-Keys = tuple[str | None, ...]
 
 
 @dataclass(slots=True)
@@ -119,13 +115,15 @@ def import_paths(
     force: bool = False,
     full_compare: bool = False,
     progress: Progress | None = None,
+    parallel: bool | None = None,
 ) -> list[SyncReport]:
     """Sync every extract found in `paths` (plain files or ZIPs); one transaction per extract."""
     reports = []
     for path in paths:
         for source in sources(path):
             reports.append(sync_source(engine, source, max_delete_share=max_delete_share, force=force,
-                                       full_compare=full_compare, progress=progress))
+                                       full_compare=full_compare, progress=progress,
+                                       parallel=parallel))
     return reports
 
 
@@ -137,16 +135,20 @@ def sync_source(
     force: bool = False,
     full_compare: bool = False,
     progress: Progress | None = None,
+    parallel: bool | None = None,
 ) -> SyncReport:
-    """Bring the tables an extract feeds to exactly its content, in one transaction."""
+    """Bring the tables an extract feeds to exactly its content, in one transaction.
+
+    `parallel`: parse the file in a worker process while this one writes (None: for large files).
+    """
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     with ExtractReader(source) as reader:
         report = SyncReport(source=source.name, kind=reader.kind, forced=force)
         entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-        run = _Run(reader, source, entities, report, progress, max_delete_share, force)
+        run = _Run(reader, source, entities, report, progress, max_delete_share, force, parallel)
         try:
-            with engine.begin() as conn:
+            with gc_paused(), engine.begin() as conn:
                 before = [count_rows(conn, e.table) for e in entities]
                 report.tables = [TableChange(e.spec.name, n) for e, n in zip(entities, before, strict=True)]
                 snapshot = _snapshot_size(conn, reader.kind)
@@ -179,19 +181,6 @@ def sync_source(
     return report
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic collector off while millions of short-lived tuples stream through (it would scan
-    every batch again and again); the rows make no cycles, so nothing is left for it afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 _BUCKET_BITS = 16
 _BUCKET_SHIFT = 64 - _BUCKET_BITS
 _BUCKET_OFFSET = 1 << (_BUCKET_BITS - 1)
@@ -204,48 +193,12 @@ def _bucket_starts(hashes: array[int]) -> array[int]:
                        for b in range((1 << _BUCKET_BITS) + 1)])
 
 
-def line_hash(raw: bytes) -> int:
-    """64-bit hash of one raw line (without its line end): the unit a re-import compares."""
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
-
-
-class _SeenKeys:
-    """Keys already sent in this run, so a structure shared by many lines is extracted once.
-
-    A key that arrives above every key before it cannot have been seen, and while keys keep
-    arriving in order (practitioners: the file is grouped by person) a repeat is the previous
-    key: such keys are not kept, so the set holds only keys that arrived out of order (the
-    structures). Bounded: past MAX keys it forgets everything and starts again. ON CONFLICT DO
-    NOTHING in the database stays the real guarantee (first line wins); this only saves work.
-    """
-
-    MAX = 600_000
-
-    def __init__(self) -> None:
-        self._keys: set[str] = set()
-        self._last: str | None = None
-        self._top: str = ""
-
-    def has(self, key: str | None) -> bool:
-        return key is not None and (key == self._last or key in self._keys)
-
-    def add(self, key: str) -> None:
-        self._last = key
-        if key > self._top:
-            self._top = key
-            return
-        keys = self._keys
-        if len(keys) >= self.MAX:
-            keys.clear()
-        keys.add(key)
-
-
 class _Run:
     """One sync of one extract: the three strategies share the row handling below."""
 
     def __init__(
         self, reader: ExtractReader, source: ExtractSource, entities: list[BoundEntity], report: SyncReport,
-        progress: Progress | None, max_delete_share: float, force: bool,
+        progress: Progress | None, max_delete_share: float, force: bool, parallel: bool | None,
     ) -> None:
         self.reader = reader
         self.source = source
@@ -255,6 +208,8 @@ class _Run:
         self.max_delete_share = max_delete_share
         self.force = force
         self.kind = reader.kind.value
+        self.parallel = parallel
+        self.extractor = LineExtractor(reader, entities)
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -267,6 +222,15 @@ class _Run:
         if self.progress is not None:
             self.progress(phase, self.source.size, self.source.size)
 
+    def _chunks(self, phase: str, mode: str) -> Iterator[Chunk]:
+        """The extract's lines, chunk by chunk (see pipeline.py), with progress."""
+        total = self.source.size
+        progress = self.progress
+        for chunk in extracted_chunks(self.reader, self.entities, mode, parallel=self.parallel):
+            if progress is not None:
+                progress(phase, chunk.bytes_read, total)
+            yield chunk
+
     def _snapshot_writer(self, conn: Connection) -> Batches:
         """Rows (line_hash, key0, key1, key2) of this extract's snapshot; the kind is added here."""
         cols = ("kind", "line_hash", "key0", "key1", "key2")
@@ -275,57 +239,6 @@ class _Run:
         # The kind is one of ExtractKind's values, written into the statement rather than bound per row.
         return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) "
                              f"VALUES ('{ExtractKind(self.kind).value}', {marks(conn, 4)})")
-
-    def _extracted_lines(
-        self, phase: str, seen: list[_SeenKeys] | None,
-    ) -> Iterator[tuple[int, bytes, list[Any], tuple[str | None, ...]]]:
-        """Every well-formed line of the extract with what `_extract` found in it; malformed ones are counted
-        (by the reader or `_extract`) and skipped."""
-        reader = self.reader
-        parse = reader.parse
-        extract = self._extract
-        plan = self._plan(seen)
-        for line_no, raw in self._lines(reader, phase):
-            fields = parse(line_no, raw)
-            if fields is not None:
-                found = extract(line_no, fields, plan)
-                if found is not None:
-                    yield line_no, raw, found[0], found[1]
-
-    def _plan(self, seen: list[_SeenKeys] | None) -> list[tuple[Any, Any, _SeenKeys | None]]:
-        """Per entity: its extractor, and its raw-key reader with the keys seen so far when it has them."""
-        return [(e.extract, e.raw_key, seen[i]) if seen is not None and e.has_raw_key else (e.extract, None, None)
-                for i, e in enumerate(self.entities)]
-
-    def _extract(
-        self, line_no: int, fields: list[str], plan: list[tuple[Any, Any, _SeenKeys | None]],
-    ) -> tuple[list[Any], tuple[str | None, ...]] | None:
-        """Per entity, its (key, hash, params), or None (no such entity in the line, or a key already seen in
-        this run); and the line's keys padded to MAX_KEYS. None when the line is malformed (counted).
-        Runs once per line of a national file: kept flat on purpose."""
-        items: list[Any] = []
-        keys: list[str | None] = []
-        try:
-            for extract, raw_key, known in plan:
-                if known is not None:
-                    key = raw_key(fields)
-                    if known.has(key):
-                        items.append(None)
-                        keys.append(key)
-                        continue
-                item = extract(fields)
-                items.append(item)
-                keys.append(None if item is None else item[0])
-        except RowRejected as exc:
-            stats = self.reader.stats
-            stats.rows -= 1
-            stats.reject(line_no, exc.reason)
-            return None
-        for (_, _, known), item in zip(plan, items, strict=True):
-            if known is not None and item is not None:
-                known.add(item[0])  # only once the whole line is accepted
-        keys.extend([None] * (MAX_KEYS - len(keys)))
-        return items, tuple(keys)
 
     def _check_brake(self) -> None:
         for change, e in zip(self.report.tables, self.entities, strict=True):
@@ -357,20 +270,15 @@ class _Run:
             snapshot = Batches(conn, f"INSERT INTO dir_load_lines VALUES ({marks(conn, 4)})")
         else:
             snapshot = self._snapshot_writer(conn)
-        seen = [_SeenKeys() for _ in self.entities]
         dropped = [*([] if staged else extract_line.indexes), *(idx for e in self.entities for idx in e.table.indexes)]
         for idx in dropped:
             idx.drop(conn)
-        adds = [batch.add for batch in inserts]
-        snap = snapshot.add
-        for _, raw, items, keys in self._extracted_lines("load", seen):
-            for add, item in zip(adds, items, strict=True):
-                if item is not None:
-                    add(item[2])
-            snap((line_hash(raw), *keys))
+        for chunk in self._chunks("load", "load"):
+            for batch, rows in zip(inserts, chunk.rows, strict=True):
+                batch.add_many(rows)
+            snapshot.add_many(chunk.snapshot)
         for batch in (*inserts, snapshot):
             batch.flush()
-        del seen  # its keys are garbage now; free them before the index builds take their memory
         if staged:
             conn.exec_driver_sql(f"INSERT INTO {extract_line.name} (kind, line_hash, key0, key1, key2) "
                                  f"SELECT '{ExtractKind(self.kind).value}', line_hash, key0, key1, key2 "
@@ -405,7 +313,8 @@ class _Run:
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
         reader = self.reader
         stats = reader.stats
-        plan = self._plan(None)
+        extract = self.extractor.extract
+        plan = self.extractor.plan(None)
         bisect_left = bisect.bisect_left
         for line_no, raw in self._lines(reader, "compare"):
             h = line_hash(raw)
@@ -420,7 +329,7 @@ class _Run:
             fields = reader.parse(line_no, raw)
             if fields is None:
                 continue
-            found = self._extract(line_no, fields, plan)
+            found = extract(line_no, fields, plan)
             if found is None:
                 continue
             for batch, item in zip(stage, found[0], strict=True):
@@ -491,12 +400,10 @@ class _Run:
         conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
         stage = self._create_stage(conn)
         snapshot = self._snapshot_writer(conn)
-        seen = [_SeenKeys() for _ in self.entities]
-        for line_no, raw, items, keys in self._extracted_lines("compare", seen):
-            for batch, item in zip(stage, items, strict=True):
-                if item is not None:
-                    batch.add((item[0], item[1], line_no))
-            snapshot.add((line_hash(raw), *keys))
+        for chunk in self._chunks("compare", "stage"):
+            for batch, rows in zip(stage, chunk.rows, strict=True):
+                batch.add_many(rows)
+            snapshot.add_many(chunk.snapshot)
         for batch in (*stage, snapshot):
             batch.flush()
         self._done("compare")

@@ -1,0 +1,96 @@
+"""The extract parsed in a worker process (large files) gives exactly what the inline parse gives.
+
+These tests force the worker on small files (`parallel=True`); the other sync tests run inline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from directory_sync.errors import ArchiveRefused
+from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun, extract_line
+from directory_sync.pipeline import CHUNK_LINES
+from directory_sync.sync import import_paths
+from directory_sync.synthetic import mssante_lines, personne_activite_lines, write_extract
+
+MODELS = (Practitioner, Structure, Activity, Mailbox)
+
+
+def _dump(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+    out = {}
+    with engine.connect() as conn:
+        for model in MODELS:
+            table = model.__table__  # type: ignore[attr-defined]
+            out[model.__name__] = [tuple(r) for r in conn.execute(
+                select(table).order_by(*table.primary_key.columns)).all()]
+        out["lines"] = [tuple(r) for r in conn.execute(
+            select(extract_line).order_by(extract_line.c.kind, extract_line.c.line_hash, extract_line.c.key2)).all()]
+    return out
+
+
+def _wipe(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for model in MODELS:
+            conn.execute(model.__table__.delete())  # type: ignore[attr-defined]
+        conn.execute(extract_line.delete())
+
+
+def _damaged(lines: list[str]) -> list[str]:
+    """Three malformed lines (lines[0] is the header), the last one past the first chunk."""
+    lines = list(lines)
+    lines[10] = lines[10][:40] + "\n"  # cut short
+    lines[200] = lines[200].rstrip("\n") + "|extra|\n"
+    lines[CHUNK_LINES + 7] = "\n".join([lines[CHUNK_LINES + 7].rstrip("\n"), "only|three|fields"]) + "\n"
+    return lines
+
+
+@pytest.mark.parametrize("make", [personne_activite_lines, mssante_lines], ids=["personne_activite", "mssante"])
+def test_the_worker_loads_what_the_inline_parse_loads(engine: Engine, tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    path = write_extract(tmp_path / "x.txt", _damaged(list(make(CHUNK_LINES + 1500))))
+    (inline,) = import_paths(engine, [path], parallel=False)
+    expected = _dump(engine)
+    _wipe(engine)
+    progress: list[tuple[str, int, int]] = []
+    (worker,) = import_paths(engine, [path], parallel=True, progress=lambda *p: progress.append(p))
+    assert _dump(engine) == expected
+    assert (worker.rows_read, worker.malformed_count, worker.malformed) == \
+           (inline.rows_read, inline.malformed_count, inline.malformed)
+    assert worker.malformed_count >= 3
+    assert [m.line for m in worker.malformed][-1] == CHUNK_LINES + 9 # the line added past the first chunk
+    assert [(t.table, t.inserted) for t in worker.tables] == [(t.table, t.inserted) for t in inline.tables]
+    assert progress[-1][1] == progress[-1][2] == path.stat().st_size
+    # The worker's snapshot serves the next re-import by line: the same file again changes nothing.
+    (again,) = import_paths(engine, [path], parallel=True)
+    assert again.method == "lines" and not again.changed
+
+
+def test_a_full_compare_in_the_worker_ends_where_a_fresh_import_would(engine: Engine, tmp_path: Path) -> None:
+    old = write_extract(tmp_path / "old.txt", personne_activite_lines(CHUNK_LINES + 100))
+    new = write_extract(tmp_path / "new.txt",
+                        personne_activite_lines(CHUNK_LINES + 100, changed_share=0.05, removed_share=0.02))
+    import_paths(engine, [old], parallel=True)
+    (report,) = import_paths(engine, [new], parallel=True, full_compare=True)
+    assert report.method == "compare" and report.changed
+    synced = _dump(engine)
+    _wipe(engine)
+    import_paths(engine, [new], parallel=False)
+    assert _dump(engine) == synced
+
+
+def test_an_archive_damaged_midway_fails_in_the_worker_and_changes_nothing(engine: Engine, tmp_path: Path) -> None:
+    import_paths(engine, [write_extract(tmp_path / "a.txt", mssante_lines(100))])
+    before = _dump(engine)
+    member = "Extraction_Correspondance_MSSante.txt"
+    path = write_extract(tmp_path / "bad.zip", mssante_lines(60_000), zipped=True, member=member)
+    data = bytearray(path.read_bytes())
+    middle = len(data) * 3 // 4  # past what the importing process reads for the header
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveRefused, match=member):
+        import_paths(engine, [path], parallel=True, force=True)
+    assert _dump(engine) == before
+    with engine.connect() as conn:
+        assert conn.execute(select(SyncRun.status).order_by(SyncRun.id.desc()).limit(1)).scalar_one() == "failed"
