@@ -8,7 +8,8 @@ At scale 1 it needs about 5 GB of disk in the work directory (deleted at the end
 At scale 1: a generated 2,000,000-row PS_LibreAcces_Personne_activite file and a 550,000-row
 MSSanté file. Baseline: the sqlite3 command-line `.import` of the same files plus the same
 indexes, in the same run. Each import runs in a child process so that its peak RSS is its own.
-Targets: full import <= 1.5x `.import`; peak RSS < 300 MB; the 1 %-changed re-import >= 4x
+A large extract is parsed in a worker process (directory_sync/pipeline.py): its CPU
+is printed apart from the importer's. Targets: full import <= 1.5x `.import`; peak RSS < 300 MB; the 1 %-changed re-import >= 4x
 faster than the full import; 50,000 lookups/s on one core; async lookup p99 < 1 ms.
 """
 
@@ -45,10 +46,13 @@ engine = make_engine("sqlite:///" + {db!r})
 migrate(engine)
 t0 = time.perf_counter()
 cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+kids0 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
 reports = import_paths(engine, {files!r}, force=True)
 took = time.perf_counter() - t0
 use = resource.getrusage(resource.RUSAGE_SELF)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({{"seconds": took, "rss_mb": use.ru_maxrss / 1024, "cpu": use.ru_utime + use.ru_stime - cpu0,
+                  "worker_cpu": kids.ru_utime + kids.ru_stime - kids0, "worker_rss_mb": kids.ru_maxrss / 1024,
                   "rows": sum(r.rows_read for r in reports), "summaries": [r.summary() for r in reports]}}))
 """
 
@@ -138,10 +142,15 @@ def main() -> None:
           "(CPU seconds are the fairer comparison on a shared machine)")
     print(f"{'figure':44} {'measured':>12} {'baseline / target':>36}")
     print(f"{'full import, wall s':44} {seconds:12.1f} {b_wall:22.1f} (.import) <= {1.5 * b_wall:.1f}")
-    print(f"{'full import, CPU s':44} {cpu:12.1f} {b_cpu:22.1f} (.import) <= {1.5 * b_cpu:.1f}")
+    print(f"{'full import, CPU s (importer)':44} {cpu:12.1f} {b_cpu:22.1f} (.import) <= {1.5 * b_cpu:.1f}")
+    print(f"{'full import, CPU s (parsing worker)':44} {float(full['worker_cpu']):12.1f}")  # type: ignore[arg-type]
     print(f"{'full import, rows/s (wall)':44} {rows / seconds:12,.0f} {rows / b_wall:22,.0f} (.import)")
-    print(f"{'full import, CPU ratio to .import':44} {cpu / b_cpu:12.2f} {'<= 1.50':>36}")
+    total_cpu = cpu + float(full["worker_cpu"])  # type: ignore[arg-type]
+    print(f"{'full import, CPU ratio to .import (importer)':44} {cpu / b_cpu:12.2f} {'<= 1.50':>36}")
+    print(f"{'full import, CPU ratio (importer + worker)':44} {total_cpu / b_cpu:12.2f}")
+    print(f"{'full import, wall ratio to .import':44} {seconds / b_wall:12.2f} {'<= 1.50':>36}")
     print(f"{'full import, peak RSS MB':44} {float(full['rss_mb']):12.0f} {'< 300':>36}")  # type: ignore[arg-type]
+    print(f"{'full import, worker peak RSS MB':44} {float(full['worker_rss_mb']):12.0f} {'< 300':>36}")  # type: ignore[arg-type]
     re_s, re_cpu = float(again["seconds"]), float(again["cpu"])  # type: ignore[arg-type]
     print(f"{'re-import, 1 % changed, wall s':44} {re_s:12.1f} {seconds / 4:22.1f} (full / 4)")
     print(f"{'re-import, 1 % changed, CPU s':44} {re_cpu:12.1f} {cpu / 4:22.1f} (full / 4)")
