@@ -26,12 +26,21 @@ class Tlv:
     indefinite: bool = False
 
     def encode(self) -> bytes:
-        if self.children is None:
-            return self.tag + der.length(len(self.contents)) + self.contents
-        body = b"".join(c.encode() for c in self.children)
-        if self.indefinite:
-            return self.tag + b"\x80" + body + b"\x00\x00"
-        return self.tag + der.length(len(body)) + body
+        """The encoding, built without recursion (trees here nest deeper than Python's recursion limit)."""
+        done: dict[int, bytes] = {}
+        todo: list[tuple[Tlv, bool]] = [(self, False)]
+        while todo:
+            node, children_done = todo.pop()
+            if node.children is None:
+                done[id(node)] = node.tag + der.length(len(node.contents)) + node.contents
+            elif not children_done:
+                todo.append((node, True))
+                todo.extend((c, False) for c in node.children)
+            else:
+                body = b"".join(done[id(c)] for c in node.children)
+                done[id(node)] = (node.tag + b"\x80" + body + b"\x00\x00" if node.indefinite
+                                  else node.tag + der.length(len(body)) + body)
+        return done[id(self)]
 
     def walk(self) -> list[tuple[Tlv | None, Tlv]]:
         """(parent, node) of every node, this one first, without recursion."""
