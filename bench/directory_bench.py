@@ -151,10 +151,12 @@ def main() -> None:
     print(f"{'full import, wall ratio to .import':44} {seconds / b_wall:12.2f} {'<= 1.50':>36}")
     print(f"{'full import, peak RSS MB':44} {float(full['rss_mb']):12.0f} {'< 300':>36}")  # type: ignore[arg-type]
     print(f"{'full import, worker peak RSS MB':44} {float(full['worker_rss_mb']):12.0f} {'< 300':>36}")  # type: ignore[arg-type]
-    re_s, re_cpu = float(again["seconds"]), float(again["cpu"])  # type: ignore[arg-type]
+    re_s = float(again["seconds"])  # type: ignore[arg-type]
+    re_cpu = float(again["cpu"]) + float(again["worker_cpu"])  # type: ignore[arg-type]
     print(f"{'re-import, 1 % changed, wall s':44} {re_s:12.1f} {seconds / 4:22.1f} (full / 4)")
-    print(f"{'re-import, 1 % changed, CPU s':44} {re_cpu:12.1f} {cpu / 4:22.1f} (full / 4)")
-    print(f"{'re-import speed-up (CPU)':44} {cpu / re_cpu:12.1f} {'>= 4':>36}")
+    print(f"{'re-import, 1 % changed, CPU s':44} {re_cpu:12.1f} {total_cpu / 4:22.1f} (full / 4)")
+    print(f"{'re-import speed-up (CPU, importer + worker)':44} {total_cpu / re_cpu:12.1f} {'>= 4':>36}")
+    print(f"{'re-import speed-up (wall)':44} {seconds / re_s:12.1f} {'>= 4':>36}")
     print(f"{'re-import, unchanged, CPU s':44} {float(same['cpu']):12.1f}")  # type: ignore[arg-type]
     print(f"{'re-import, peak RSS MB':44} {float(again['rss_mb']):12.0f} {'< 300':>36}")  # type: ignore[arg-type]
     for s in again["summaries"]:  # type: ignore[attr-defined]
