@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 
 _ATEXT = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]"
-_LOCAL = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LOCAL = re.compile(rf"{_ATEXT}+(\.{_ATEXT}+)*")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +37,11 @@ def parse_mailbox(address: str) -> Mailbox:
         raise AddressError("an address must be local-part@domain")
     if len(local) > 64:
         raise AddressError("local part too long")
-    if not _LOCAL.match(local):
+    if not _LOCAL.fullmatch(local):  # fullmatch: `$` would let a final line feed through
         raise AddressError("source routes, quoted local parts and %/! routing are not accepted")
     if domain.startswith("["):
         raise AddressError("address literals are not accepted")
     labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         raise AddressError("not a valid domain name")
     return Mailbox(local, domain.lower())
