@@ -28,7 +28,7 @@ from cps.pcsc import PcscContext
 from cps.presence import PresenceMonitor
 from cps.worker import CardSession, CardStatus
 from gateway.errors import GatewayError, HoldMessage
-from gateway.spool import Spool
+from gateway.spool import QueueEntry, Spool
 from smime.keys import HashName, KeyTransportPadding, OaepHashName, SignaturePadding
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,17 @@ class HoldForCard(HoldMessage):
 
 
 async def release_held(spool: Spool, account: str) -> list[str]:
-    """Put the held messages of `account` back in the queue (an `on_ready` for `CardKeys.watch`, with
-    `functools.partial(release_held, spool)`); returns their queue ids."""
+    """Put back in the queue the held messages waiting for `account`'s card: those it sends (signed by the card)
+    and those for it still pending (decrypted by the card). An `on_ready` for `CardKeys.watch`, with
+    `functools.partial(release_held, spool)`; returns their queue ids."""
+    account = account.lower()
+
+    def waits_for_card(entry: QueueEntry) -> bool:
+        return (entry.account or "").lower() == account or any(
+            address.lower() == account and state == "pending" for address, state, _ in entry.recipients)
+
     def run() -> list[str]:
-        return [entry.id for entry in spool.entries(["hold"])
-                if (entry.account or "").lower() == account.lower() and spool.release(entry.id)]
+        return [entry.id for entry in spool.entries(["hold"]) if waits_for_card(entry) and spool.release(entry.id)]
 
     released = await asyncio.to_thread(run)
     if released:

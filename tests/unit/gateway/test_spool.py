@@ -252,3 +252,23 @@ def test_an_older_queue_table_gains_the_new_columns(tmp_path: Path) -> None:
     with eng.connect() as conn:
         assert conn.execute(select(queue.c.direction)).scalar_one() == "submission"
     eng.dispose()
+
+
+async def test_a_card_coming_back_releases_what_it_sends_and_what_waits_for_it(spool: Spool) -> None:
+    """Outbound mail held for the sender's card, inbound mail held for a recipient's card: both go on when that
+    card is back; a message that recipient already has, or that waits for another card, stays held."""
+    from gateway.cards import release_held
+
+    sent = spool.accept("bob@x.test", ["peer@y.test"], MSG, account="bob@x.test")
+    received = spool.accept("peer@y.test", ["alice@x.test", "Bob@x.test"], MSG + b"1", account=None)
+    delivered = spool.accept("peer@y.test", ["bob@x.test", "carol@x.test"], MSG + b"2", account=None)
+    other = spool.accept("peer@y.test", ["carol@x.test"], MSG + b"3", account=None)
+    claimed = {m.id: m for m in spool.claim_due(10)}
+    spool.record(claimed[delivered], [RecipientResult("bob@x.test", "done", "250 ok"),
+                                      RecipientResult("carol@x.test", "retry", "451 4.7.0 card absent")])
+    assert spool.release(delivered)  # deferred, sent on again, then held for carol's card
+    assert [m.id for m in spool.claim_due(10)] == [delivered]
+    for qid in (sent, received, delivered, other):
+        spool.hold(qid, "card absent")
+    assert sorted(await release_held(spool, "BOB@x.test")) == sorted([sent, received])
+    assert sorted(e.id for e in spool.entries(["hold"])) == sorted([delivered, other])
