@@ -11,14 +11,16 @@ with the last message. The same `LineExtractor` runs inline for small files and 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
 import hashlib
 import marshal
 import multiprocessing
 import pickle
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
@@ -40,12 +42,48 @@ Plan = list[tuple[Any, Any, "SeenKeys | None"]]
 class Chunk:
     """What CHUNK_LINES lines gave: per entity its rows, and the snapshot rows (line hash, keys...).
 
-    Per entity, in mode "load" the insert parameters; in mode "stage" (key, content hash, line number).
+    Per entity, in mode "load" the insert parameters; in modes "stage" and "lines" (key, content hash,
+    line number). In mode "lines", only the lines that are not in the last applied file, and their bytes
+    in `raws` (line number, raw line).
     """
 
     bytes_read: int
     rows: list[list[tuple[Any, ...]]]
     snapshot: list[tuple[Any, ...]]
+    raws: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+_BUCKET_BITS = 16
+_BUCKET_SHIFT = 64 - _BUCKET_BITS
+_BUCKET_OFFSET = 1 << (_BUCKET_BITS - 1)
+
+
+class KnownLines:
+    """The sorted line hashes of the last applied file, and which of them the new file still has.
+
+    Looked up per 16-bit bucket (where the hashes with each value of their top 16 bits start):
+    a look-up bisects some tens of entries instead of millions.
+    """
+
+    def __init__(self, hashes: array[int]) -> None:
+        self.hashes = hashes
+        self.present = bytearray(len(hashes))
+        self._starts = array("q", [bisect.bisect_left(hashes, (b - _BUCKET_OFFSET) << _BUCKET_SHIFT)
+                                   for b in range((1 << _BUCKET_BITS) + 1)])
+
+    def mark(self, h: int) -> bool:
+        """Whether a line of hash `h` was in the last file (then marked as still present)."""
+        hashes, starts = self.hashes, self._starts
+        b = (h >> _BUCKET_SHIFT) + _BUCKET_OFFSET
+        i = bisect.bisect_left(hashes, h, starts[b], starts[b + 1])
+        n = len(hashes)
+        if i >= n or hashes[i] != h:
+            return False
+        present = self.present
+        while i < n and hashes[i] == h:
+            present[i] = 1
+            i += 1
+        return True
 
 
 def line_hash(raw: bytes) -> int:
@@ -137,21 +175,51 @@ class LineExtractor:
         keys.extend([None] * (MAX_KEYS - len(keys)))
         return items, tuple(keys)
 
-    def chunks(self, mode: str) -> Iterator[Chunk]:
+    def chunks(self, mode: str, known: KnownLines | None = None) -> Iterator[Chunk]:
         """Every well-formed line of the extract, CHUNK_LINES lines at a time; keys seen once are not sent
-        again. Malformed lines are counted (by the reader or `extract`) and skipped."""
+        again. Malformed lines are counted (by the reader or `extract`) and skipped. Mode "lines": only
+        the lines whose hash is not in `known` (the others are marked there and counted as read)."""
         reader = self.reader
         parse = reader.parse
         extract = self.extract
         stats = reader.stats
-        plan = self.plan([SeenKeys() for _ in self.entities])
-        staged = mode == "stage"
+        by_line = mode == "lines"
+        plan = self.plan(None if by_line else [SeenKeys() for _ in self.entities])
+        staged = mode != "load"
+        mark = known.mark if known is not None else None
         rows: list[list[tuple[Any, ...]]] = [[] for _ in self.entities]
         adds = [r.append for r in rows]
         snapshot: list[tuple[Any, ...]] = []
         snap = snapshot.append
+        raws: list[tuple[int, bytes]] = []
         count = 0
         for line_no, raw in reader.lines():
+            if mark is not None:
+                count += 1
+                if count >= CHUNK_LINES:
+                    yield Chunk(stats.bytes_read, rows, snapshot, raws)
+                    rows = [[] for _ in self.entities]
+                    adds = [r.append for r in rows]
+                    snapshot = []
+                    snap = snapshot.append
+                    raws = []
+                    count = 0
+                h = line_hash(raw)
+                if mark(h):
+                    stats.rows += 1
+                    continue
+                fields = parse(line_no, raw)
+                if fields is None:
+                    continue
+                found = extract(line_no, fields, plan)
+                if found is None:
+                    continue
+                for add, item in zip(adds, found[0]):
+                    if item is not None:
+                        add((item[0], item[1], line_no))
+                snap((h, *found[1]))
+                raws.append((line_no, raw))
+                continue
             fields = parse(line_no, raw)
             if fields is None:
                 continue
@@ -170,24 +238,28 @@ class LineExtractor:
                 snapshot = []
                 snap = snapshot.append
                 count = 0
-        yield Chunk(stats.bytes_read, rows, snapshot)
+        yield Chunk(stats.bytes_read, rows, snapshot, raws)
 
 
 def extracted_chunks(
     reader: ExtractReader, entities: list[BoundEntity], mode: str, *, parallel: bool | None = None,
+    known: KnownLines | None = None,
 ) -> Iterator[Chunk]:
     """The chunks of `LineExtractor.chunks`, computed here or (`parallel`, by default for a file of
-    PARALLEL_MIN_BYTES or more) in a worker process; either way `reader.stats` ends with the counts."""
+    PARALLEL_MIN_BYTES or more) in a worker process; either way `reader.stats` ends with the counts
+    and `known.present` with the lines found again."""
     if parallel is None:
         parallel = reader.source.size >= PARALLEL_MIN_BYTES
     if not parallel:
-        yield from LineExtractor(reader, entities).chunks(mode)
+        yield from LineExtractor(reader, entities).chunks(mode, known)
         return
     # fork: the worker starts at once, imports nothing and runs no main module again; it only reads
     # the file and writes the pipe (no lock, connection or thread of this process is used there).
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
-    worker = ctx.Process(target=_work, args=(reader.source, mode, send), name="directory-extract", daemon=True)
+    # `known` reaches the worker by the fork itself (copy on write), not through the pipe.
+    worker = ctx.Process(target=_work, args=(reader.source, mode, known, send), name="directory-extract",
+                         daemon=True)
     worker.start()
     send.close()
     try:
@@ -199,10 +271,13 @@ def extracted_chunks(
                     from None
             tag, body = message[:1], message[1:]
             if tag == b"C":
-                bytes_read, rows, snapshot = marshal.loads(body)
-                yield Chunk(bytes_read, rows, snapshot)
+                bytes_read, rows, snapshot, raws = marshal.loads(body)
+                yield Chunk(bytes_read, rows, snapshot, raws)
             elif tag == b"S":
-                stats: ReadStats = pickle.loads(body)
+                stats: ReadStats
+                stats, present = pickle.loads(body)
+                if known is not None:
+                    known.present = present
                 reader.stats.rows = stats.rows
                 reader.stats.malformed_count = stats.malformed_count
                 reader.stats.malformed = stats.malformed
@@ -218,15 +293,15 @@ def extracted_chunks(
             worker.join()
 
 
-def _work(source: ExtractSource, mode: str, pipe: Pipe) -> None:
+def _work(source: ExtractSource, mode: str, known: KnownLines | None, pipe: Pipe) -> None:
     """The worker process: read and parse the whole extract, send the chunks, then the counts."""
     send: Callable[[bytes], None] = pipe.send_bytes
     try:
         with gc_paused(), ExtractReader(source) as reader:
             entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-            for chunk in LineExtractor(reader, entities).chunks(mode):
-                send(b"C" + marshal.dumps((chunk.bytes_read, chunk.rows, chunk.snapshot)))
-            send(b"S" + pickle.dumps(reader.stats))
+            for chunk in LineExtractor(reader, entities).chunks(mode, known):
+                send(b"C" + marshal.dumps((chunk.bytes_read, chunk.rows, chunk.snapshot, chunk.raws)))
+            send(b"S" + pickle.dumps((reader.stats, None if known is None else known.present)))
     except BrokenPipeError:
         pass  # the importing process gave up (its own error): nothing to tell it
     except Exception as exc:  # noqa: BLE001 - handed to the importing process, which raises it

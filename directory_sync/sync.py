@@ -25,11 +25,9 @@ Why this shape:
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import logging
 import time
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ from directory_sync.extracts import (
 )
 from directory_sync.mapping import SPECS, BoundEntity
 from directory_sync.models import SyncRun, extract_line
-from directory_sync.pipeline import Chunk, LineExtractor, extracted_chunks, gc_paused, line_hash
+from directory_sync.pipeline import Chunk, KnownLines, LineExtractor, extracted_chunks, gc_paused
 from directory_sync.sqlbatch import (
     Batches,
     CopyBatches,
@@ -181,18 +179,6 @@ def sync_source(
     return report
 
 
-_BUCKET_BITS = 16
-_BUCKET_SHIFT = 64 - _BUCKET_BITS
-_BUCKET_OFFSET = 1 << (_BUCKET_BITS - 1)
-
-
-def _bucket_starts(hashes: array[int]) -> array[int]:
-    """Where the sorted signed 64-bit hashes with each value of their top 16 bits start (and one past
-    the last): a look-up then bisects some tens of entries instead of millions."""
-    return array("q", [bisect.bisect_left(hashes, (b - _BUCKET_OFFSET) << _BUCKET_SHIFT)
-                       for b in range((1 << _BUCKET_BITS) + 1)])
-
-
 class _Run:
     """One sync of one extract: the three strategies share the row handling below."""
 
@@ -222,11 +208,11 @@ class _Run:
         if self.progress is not None:
             self.progress(phase, self.source.size, self.source.size)
 
-    def _chunks(self, phase: str, mode: str) -> Iterator[Chunk]:
+    def _chunks(self, phase: str, mode: str, known: KnownLines | None = None) -> Iterator[Chunk]:
         """The extract's lines, chunk by chunk (see pipeline.py), with progress."""
         total = self.source.size
         progress = self.progress
-        for chunk in extracted_chunks(self.reader, self.entities, mode, parallel=self.parallel):
+        for chunk in extracted_chunks(self.reader, self.entities, mode, parallel=self.parallel, known=known):
             if progress is not None:
                 progress(phase, chunk.bytes_read, total)
             yield chunk
@@ -298,10 +284,7 @@ class _Run:
     # -- by line, against the snapshot of the last applied file --------------------------------------
 
     def line_diff(self, conn: Connection) -> None:
-        prev = load_hashes(conn, self.kind)
-        present = bytearray(len(prev))
-        n = len(prev)
-        starts = _bucket_starts(prev)
+        known = KnownLines(load_hashes(conn, self.kind))
         stage = self._create_stage(conn)
         snapshot = self._snapshot_writer(conn)
         # The new lines themselves (a few in a daily file): the second pass reads them from here
@@ -311,32 +294,13 @@ class _Run:
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_raw (line INTEGER PRIMARY KEY, raw {blob} NOT NULL)"
                              f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
-        reader = self.reader
-        stats = reader.stats
-        extract = self.extractor.extract
-        plan = self.extractor.plan(None)
-        bisect_left = bisect.bisect_left
-        for line_no, raw in self._lines(reader, "compare"):
-            h = line_hash(raw)
-            b = (h >> _BUCKET_SHIFT) + _BUCKET_OFFSET
-            i = bisect_left(prev, h, starts[b], starts[b + 1])
-            if i < n and prev[i] == h:
-                while i < n and prev[i] == h:
-                    present[i] = 1
-                    i += 1
-                stats.rows += 1
-                continue
-            fields = reader.parse(line_no, raw)
-            if fields is None:
-                continue
-            found = extract(line_no, fields, plan)
-            if found is None:
-                continue
-            for batch, item in zip(stage, found[0], strict=True):
-                if item is not None:
-                    batch.add((item[0], item[1], line_no))
-            snapshot.add((h, *found[1]))
-            raws.add((line_no, raw))
+        for chunk in self._chunks("compare", "lines", known):
+            for batch, new_rows in zip(stage, chunk.rows, strict=True):
+                batch.add_many(new_rows)
+            snapshot.add_many(chunk.snapshot)
+            raws.add_many(chunk.raws)
+        prev, present = known.hashes, known.present
+        del known
         for batch in (*stage, raws):
             batch.flush()
         self._done("compare")

@@ -94,3 +94,24 @@ def test_an_archive_damaged_midway_fails_in_the_worker_and_changes_nothing(engin
     assert _dump(engine) == before
     with engine.connect() as conn:
         assert conn.execute(select(SyncRun.status).order_by(SyncRun.id.desc()).limit(1)).scalar_one() == "failed"
+
+
+@pytest.mark.parametrize("make", [personne_activite_lines, mssante_lines], ids=["personne_activite", "mssante"])
+def test_a_reimport_by_line_in_the_worker_does_what_the_inline_one_does(  # type: ignore[no-untyped-def]
+    engine: Engine, tmp_path: Path, make,
+) -> None:
+    old = write_extract(tmp_path / "old.txt", make(CHUNK_LINES + 800))
+    new_lines = list(make(CHUNK_LINES + 800, changed_share=0.03, removed_share=0.01))
+    new_lines[CHUNK_LINES + 50] = new_lines[CHUNK_LINES + 50][:30] + "\n"  # a new line, and malformed
+    new = write_extract(tmp_path / "new.txt", new_lines)
+    results = []
+    for parallel in (False, True):
+        _wipe(engine)
+        import_paths(engine, [old], parallel=parallel)
+        (report,) = import_paths(engine, [new], parallel=parallel)
+        assert report.method == "lines" and report.changed
+        results.append((_dump(engine), report.rows_read, report.malformed,
+                        [(t.table, t.inserted, t.updated, t.deleted) for t in report.tables]))
+    assert results[0] == results[1]
+    assert [m.line for m in results[1][2]] == [CHUNK_LINES + 51]
+    assert sum(t[3] for t in results[1][3]) > 0  # the removed lines deleted something
