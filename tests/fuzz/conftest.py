@@ -1,6 +1,6 @@
 """Hypothesis profiles of the fuzz targets, chosen by MSSGW_FUZZ_PROFILE.
 
-`ci` (the default, what `make test` runs): a few dozen examples per target, the whole directory in well
+`ci` (the default, what `make test` runs): 60 examples per target, the whole directory in well
 under a minute. `fuzz` (what `make fuzz` runs): each target runs round after round of examples, each
 round with fresh random data, until its share of FUZZ_SECONDS (default 300 for the directory) is spent.
 A failing example is kept in Hypothesis's database (.hypothesis/) and replayed first by the next run;
@@ -20,7 +20,7 @@ FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "300"))
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
             HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK,
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK,
                           print_blob=True)
 # No shrinking under `fuzz`: it can take minutes on one failure and eat the budget; the failing example is
 # saved, and the next `ci` run (`make test`) replays and shrinks it.
