@@ -17,6 +17,7 @@ import io
 import quopri
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.generator import BytesGenerator
 
@@ -187,18 +188,37 @@ def check_structure(entity: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> None
             continue
         boundary = boundary.rstrip()  # an empty boundary still cuts parts at "--" lines, as the email package does
         digest = mime_type == "multipart/digest"
-        delim = re.compile(rb"(?m)^--" + re.escape(boundary_bytes(boundary)) + rb"(--)?[ \t]*(?:\r\n|\Z)")
         previous: int | None = None
-        for mark in delim.finditer(data, body, end):
+        for line_start, line_end, closing in _delimiter_lines(data, b"--" + boundary_bytes(boundary), body, end):
             if previous is not None:
-                stop = mark.start() - 2 if data.startswith(CRLF, mark.start() - 2) else mark.start()
+                stop = line_start - 2 if data.startswith(CRLF, line_start - 2) else line_start
                 stack.append((previous, max(previous, stop), depth + 1, digest))
-            if mark.group(1):
+            if closing:
                 previous = None
                 break
-            previous = mark.end()
+            previous = line_end
         if previous is not None:  # no closing delimiter: the last part runs to the end (as the email package reads it)
             stack.append((previous, end, depth + 1, digest))
+
+
+def _delimiter_lines(data: bytes, dash_boundary: bytes, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """(line start, end after its CRLF, closing?) of each delimiter line in data[start:end] (RFC 2046 §5.1.1):
+    the boundary after two hyphens at the start of a line, `--` if it closes, white space, then the line end.
+    bytes.find, not a MULTILINE regex: a 25 MB body is searched ten times faster."""
+    needle = CRLF + dash_boundary
+    at = start if data.startswith(dash_boundary, start, end) else data.find(needle, start, end)
+    while at >= 0:
+        line = at if at == start and data.startswith(dash_boundary, start, end) else at + 2
+        i = line + len(dash_boundary)
+        closing = data.startswith(b"--", i, end)
+        for j in ((i + 2, i) if closing else (i,)):
+            k = j
+            while k < end and data[k] in b" \t":
+                k += 1
+            if k == end or data.startswith(CRLF, k, end):
+                yield line, min(k + 2, end), j != i
+                break
+        at = data.find(needle, i, end)
 
 
 def split_message(message: bytes) -> tuple[list[bytes], bytes]:
