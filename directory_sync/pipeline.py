@@ -17,6 +17,7 @@ import gc
 import hashlib
 import marshal
 import multiprocessing
+import os
 import pickle
 from array import array
 from collections.abc import Callable, Iterator
@@ -246,10 +247,10 @@ def extracted_chunks(
     known: KnownLines | None = None,
 ) -> Iterator[Chunk]:
     """The chunks of `LineExtractor.chunks`, computed here or (`parallel`, by default for a file of
-    PARALLEL_MIN_BYTES or more) in a worker process; either way `reader.stats` ends with the counts
+    PARALLEL_MIN_BYTES or more when this process may run on two CPUs or more) in a worker process; either way `reader.stats` ends with the counts
     and `known.present` with the lines found again."""
     if parallel is None:
-        parallel = reader.source.size >= PARALLEL_MIN_BYTES
+        parallel = reader.source.size >= PARALLEL_MIN_BYTES and len(os.sched_getaffinity(0)) >= 2
     if not parallel:
         yield from LineExtractor(reader, entities).chunks(mode, known)
         return
