@@ -38,11 +38,13 @@ from sqlalchemy import Connection, Engine, func, insert, select
 
 from directory_sync.errors import DeletionBrake
 from directory_sync.extracts import (
+    DEFAULT_ZIP_LIMITS,
     ExtractKind,
     ExtractReader,
     ExtractSource,
     MalformedRow,
     ReadStats,
+    ZipLimits,
     sources,
 )
 from directory_sync.mapping import SPECS, BoundEntity
@@ -116,11 +118,13 @@ def import_paths(
     full_compare: bool = False,
     progress: Progress | None = None,
     parallel: bool | None = None,
+    zip_limits: ZipLimits = DEFAULT_ZIP_LIMITS,
 ) -> list[SyncReport]:
-    """Sync every extract found in `paths` (plain files or ZIPs); one transaction per extract."""
+    """Sync every extract found in `paths` (plain files or ZIPs, whose members must keep within `zip_limits`);
+    one transaction per extract."""
     reports = []
     for path in paths:
-        for source in sources(path):
+        for source in sources(path, zip_limits):
             reports.append(sync_source(engine, source, max_delete_share=max_delete_share, force=force,
                                        full_compare=full_compare, progress=progress,
                                        parallel=parallel))

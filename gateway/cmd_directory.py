@@ -22,6 +22,7 @@ from config.loader import load
 from directory_sync.certificates import add_certificate
 from directory_sync.database import engine_from_config, migrate
 from directory_sync.errors import DirectoryError
+from directory_sync.extracts import ZipLimits
 from directory_sync.fhir import (
     PRODUCTION_BASE_URL,
     FhirClient,
@@ -139,12 +140,14 @@ def _guard(fn: Callable[[], int]) -> int:
 def _import(args: argparse.Namespace) -> int:
     def run() -> int:
         engine = _engine(args)
+        limits = load(args.config).limits
         bar = _Bar(args.quiet)
         for path in args.files:
             if not path.exists():
                 raise GatewayError(f"{path}: no such file")
         reports = import_paths(engine, args.files, max_delete_share=args.max_delete, force=args.force,
-                               full_compare=args.full_compare, progress=bar)
+                               full_compare=args.full_compare, progress=bar,
+                               zip_limits=ZipLimits(limits.max_zip_member_size, limits.max_zip_ratio))
         for r in reports:
             print(r.summary())
             for m in r.malformed[:20]:

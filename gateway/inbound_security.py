@@ -43,6 +43,7 @@ from smime.errors import (
     UnsupportedAlgorithm,
 )
 from smime.keys import Decrypter, KeyTransportPadding, OaepHashName
+from smime.limits import DEFAULT_LIMITS, ParseLimits
 from smime.message import MAX_DEPTH, OFFLOAD_BYTES, OpenedMessage, open_message, sender_address
 from smime.mime import (
     content_type,
@@ -414,7 +415,7 @@ def _hook_on_loop(check: IdentityCheck | AsyncIdentityCheck, loop: asyncio.Abstr
 
 async def _open(raw: bytes, *, decrypter: Decrypter | None, trust: TrustStore,
                 check: IdentityCheck | AsyncIdentityCheck, now: datetime.datetime | None,
-                max_depth: int) -> OpenedMessage:
+                max_depth: int, limits: ParseLimits) -> OpenedMessage:
     """`open_message`, in a worker thread with its own loop when the message is big.
 
     smime/ moves only signature verification of a big message to a thread; base64, AES and the MIME
@@ -424,18 +425,18 @@ async def _open(raw: bytes, *, decrypter: Decrypter | None, trust: TrustStore,
     """
     if len(raw) < OFFLOAD_BYTES:
         return await open_message(raw, decrypter=decrypter, trust=trust, at=now, identity_check=check,
-                                  max_depth=max_depth)
+                                  max_depth=max_depth, limits=limits)
     loop = asyncio.get_running_loop()
     key = _KeyOnLoop(decrypter, loop) if decrypter is not None else None
     coro = open_message(raw, decrypter=key, trust=trust, at=now, identity_check=_hook_on_loop(check, loop),
-                        max_depth=max_depth)
+                        max_depth=max_depth, limits=limits)
     return await asyncio.to_thread(asyncio.run, coro)
 
 
 async def secure_inbound(raw: bytes, *, recipient: str, decrypter: Decrypter | None, trust: TrustStore,
                          identity_check: IdentityCheck | AsyncIdentityCheck | None, hostname: str,
                          now: datetime.datetime | None = None, max_bytes: int = MAX_BYTES,
-                         max_depth: int = MAX_DEPTH) -> InboundResult:
+                         max_depth: int = MAX_DEPTH, limits: ParseLimits = DEFAULT_LIMITS) -> InboundResult:
     """Decrypt and verify a received message for `recipient`, and mark it; never raises on what the sender sent.
 
     `decrypter` is the recipient's key (a card or a key file), None when the recipient has none.
@@ -459,7 +460,8 @@ async def secure_inbound(raw: bytes, *, recipient: str, decrypter: Decrypter | N
         return await _cpu(len(raw), _mark_opened, raw, plain, host, recipient,
                           f"signed with {foreign}, which this gateway does not check: sender not authenticated")
     try:
-        opened = await _open(raw, decrypter=decrypter, trust=trust, check=check, now=now, max_depth=max_depth)
+        opened = await _open(raw, decrypter=decrypter, trust=trust, check=check, now=now, max_depth=max_depth,
+                             limits=limits)
     except SmimeError as exc:
         failed = InboundResult(b"", Verdict.FAILED, str(exc), error_code=_code_of_error(exc, decrypter))
         return await _cpu(len(raw), _deliver_original, raw, failed, None, host, recipient)

@@ -31,6 +31,7 @@ from gateway.inbound_security import InboundResult, secure_inbound
 from gateway.logsetup import setup_logging
 from gateway.pipeline import KeyRing, load_trust, signer_identity
 from smime.certpath import TrustStore
+from smime.limits import limits_from_config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def _open(data: bytes, recipient: str) -> InboundResult:
     try:
         return worker.loop.run_until_complete(secure_inbound(
             data, recipient=recipient, decrypter=key, trust=worker.trust,
-            identity_check=signer_identity(worker.directory), hostname=worker.cfg.hostname))
+            identity_check=signer_identity(worker.directory), hostname=worker.cfg.hostname,
+            limits=limits_from_config(worker.cfg.limits)))
     except Exception as exc:  # noqa: BLE001 - sent back as text: the parent may not be able to rebuild the type
         raise OpenFailed(f"{type(exc).__name__}: {exc}") from None
 

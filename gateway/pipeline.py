@@ -37,6 +37,7 @@ from smime.certpath import TrustStore
 from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
 from smime.keys import Decrypter, Signer
+from smime.limits import limits_from_config
 from smime.message import sign_and_encrypt
 from smime.mime import split_header_body
 from smime.verify import AsyncIdentityCheck, match_from_address
@@ -128,6 +129,7 @@ class Pipeline:
         self._has_copy = has_copy
         self._open_elsewhere = open_elsewhere
         self._identity = signer_identity(directory)
+        self._parse_limits = limits_from_config(cfg.limits)
         self._plain_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.plain_domains)
 
     async def process(self, msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
@@ -197,7 +199,7 @@ class Pipeline:
         try:
             signer, own_certificate, chain = self._keys.signing(account)
             sealed = await sign_and_encrypt(data, signer, certificates, sender_encryption_certificate=own_certificate,
-                                            chain=chain)
+                                            chain=chain, limits=self._parse_limits)
         except Exception as exc:
             hold = self._keys.hold(account, exc)
             if hold is not None:
@@ -244,7 +246,8 @@ class Pipeline:
                 opened = await self._open_elsewhere(data, rcpt)  # off the event loop (gateway.inbound_workers)
             else:
                 opened = await secure_inbound(data, recipient=rcpt, decrypter=decrypter, trust=trust,
-                                              identity_check=self._identity, hostname=self._cfg.hostname)
+                                              identity_check=self._identity, hostname=self._cfg.hostname,
+                                              limits=self._parse_limits)
         except Exception as exc:
             hold = self._keys.hold(rcpt, exc)
             if hold is not None:

@@ -96,3 +96,17 @@ def test_sync_fhir_then_increment_since_the_last_run(
     assert annuaire.seen[-1].query["_lastUpdated"][0].startswith("ge20")
     assert main(["-c", str(config), "directory", "lookup", "jeanne@pro.mssante.fr"]) == 0
     assert "RPPS          10000000001" in capsys.readouterr().out
+
+
+def test_import_applies_the_configured_zip_limits(config: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`[limits] max_zip_ratio` reaches the import: an extract that inflates more than allowed is refused and
+    the directory keeps what it had; the default ratio (100) takes the same file."""
+    lines = list(mssante_lines(300))  # repetitive text: deflate packs it more than 2 to 1
+    zipped = write_extract(tmp_path / "mss.zip", lines, zipped=True, member="Extraction_Correspondance_MSSante.txt")
+    strict = tmp_path / "strict.toml"
+    strict.write_text(CONFIG + "[limits]\nmax_zip_ratio = 2\n", encoding="utf-8")
+    assert main(["-c", str(strict), "directory", "import", "--quiet", str(zipped)]) != 0
+    assert "more than 2 times (a zip bomb)" in capsys.readouterr().err
+    assert main(["-c", str(config), "directory", "import", "--quiet", str(zipped)]) == 0
+    assert "mailboxes +300" in capsys.readouterr().out

@@ -30,6 +30,7 @@ from gateway.inbound_security import (
 from smime.certpath import TrustStore
 from smime.errors import SenderMismatch
 from smime.filekeys import FileKey
+from smime.limits import ParseLimits
 from smime.message import OFFLOAD_BYTES, encrypt_entity, encrypt_message, sign_and_encrypt
 from smime.mime import field_name, field_value, header_fields, join_message, split_header_body, split_message
 from smime.signing import sign_entity
@@ -322,6 +323,16 @@ async def test_nesting_beyond_the_limit_fails_and_is_delivered(dev_pki, trust, p
     result = await receive(raw, trust, paul)
     assert_delivered_as_received(result, raw)
     assert result.error_code is ErrorCode.MALFORMED and "nested" in (result.reason or "")
+
+
+async def test_the_configured_parse_limits_apply(dev_pki, trust, jeanne, paul):
+    """`[limits]` reaches the opening: a signed message within the defaults fails, delivered as received, under
+    a lower CMS size limit; the same message with the default limits is verified."""
+    raw = await sign_and_encrypt(join_message(outer(dev_pki), ENTITY), jeanne, [paul.certificate])
+    assert (await receive(raw, trust, paul)).verdict is Verdict.VERIFIED
+    result = await receive(raw, trust, paul, limits=ParseLimits(max_cms_bytes=1024))
+    assert_delivered_as_received(result, raw)
+    assert result.verdict is Verdict.FAILED and "1024" in (result.reason or "")
 
 
 async def test_garbage_pkcs7_fails_and_is_delivered(dev_pki, trust, paul):
