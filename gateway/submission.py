@@ -449,6 +449,9 @@ class GatewaySMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str) -> None:
         """Refused when commands follow it in the same write (RFC 3207 §4.2): they were sent in plaintext and
         would otherwise be read as if they came over TLS (the STARTTLS command injection, CVE-2011-0411)."""
+        if self._tls_protocol is not None:  # RFC 3207 §4.2: no second TLS layer inside the first
+            await self.push("554 5.5.1 TLS already active")
+            return
         if self._line_reader.pending():
             log.warning("commands pipelined after STARTTLS: refused and disconnected")
             await self._close_with("554 5.5.0 Commands sent after STARTTLS in plaintext are refused"

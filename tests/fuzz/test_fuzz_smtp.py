@@ -238,10 +238,7 @@ def test_submission_session(tls: bool, login: bool, lines: list[tuple[bytes, byt
                 if code == 334:
                     code = _check(c.send(b"*\r\n"))
             if code == 220 and line.upper().startswith(b"STARTTLS"):
-                if tls:
-                    # aiosmtpd 1.4.6 starts a second TLS inside the first (RFC 3207 §4 wants it refused): this
-                    # client does not nest TLS, so it leaves; the server must still serve others.
-                    raise Closed
+                assert not tls, "a second STARTTLS inside TLS must be refused (RFC 3207 section 4.2)"
                 c.starttls()
                 tls = True
             if code == 221:

@@ -294,6 +294,14 @@ def test_plaintext_after_the_starttls_reply_breaks_the_handshake(gw: GatewayProc
         assert s.noop()[0] == 250
 
 
+def test_a_second_starttls_inside_tls_is_refused(gw: GatewayProcess) -> None:
+    """RFC 3207 §4.2: no TLS layer inside TLS (aiosmtpd alone answers 220 and hangs on a nested handshake)."""
+    with smtp(gw) as s:
+        code, text = s.docmd("STARTTLS")
+        assert (code, text) == (554, b"5.5.1 TLS already active")
+        assert s.noop()[0] == 250  # the session goes on over the first TLS layer
+
+
 # --- Too many recipients, too many errors
 
 
