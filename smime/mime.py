@@ -108,9 +108,10 @@ def content_type(block: bytes) -> ContentType:
     The field is unfolded (RFC 5322 §2.2.3) but its white space kept: a quoted boundary may hold a tab.
     """
     field = next((f for f in header_fields(block) if field_name(f) == "content-type"), None)
-    if field is None:
+    name_end = field.find(b":") if field is not None else -1
+    if field is None or name_end < 0:  # absent, or a line without a colon: syntactically invalid (§5.2 again)
         return ContentType("text/plain", {})
-    value = _LINE_BREAK.sub("", field.split(b":", 1)[1].decode("utf-8", "surrogateescape")).strip()
+    value = _LINE_BREAK.sub("", field[name_end + 1:].decode("utf-8", "surrogateescape")).strip()
     msg = email.message.Message()
     msg["Content-Type"] = value
     params: dict[str, str] = {}
@@ -120,7 +121,11 @@ def content_type(block: bytes) -> ContentType:
         found = _plain_params(value)
     for key, val in found:
         params.setdefault(key.lower(), _param_value(val))  # the first of a repeated parameter, as email.message
-    return ContentType(msg.get_content_type(), params)
+    try:
+        mime_type = msg.get_content_type()
+    except UnicodeError:  # bytes outside ASCII in the type itself: invalid, so text/plain (RFC 2045 §5.2)
+        mime_type = "text/plain"
+    return ContentType(mime_type, params)
 
 
 _PARAM_SEPARATOR = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')

@@ -96,6 +96,15 @@ def test_rfc2231_parameter_in_a_codec_that_cannot_be_lenient():
     assert (ctype.param("name") or "").endswith(".p7m")
 
 
+@pytest.mark.parametrize("field", [
+    b"Content-Type:\x80\xc2\x80 multipart/signed; boundary=x\r\n",  # UnicodeEncodeError in the email package
+    b"Content-Type multipart/signed\r\n",  # no colon: IndexError
+])
+def test_an_invalid_content_type_field_is_text_plain(field):
+    """Found by tests/unit/smime/test_fuzz.py in CI: RFC 2045 §5.2 takes an invalid Content-Type as text/plain."""
+    assert content_type(field).mime_type == "text/plain"
+
+
 def _deep_definite(levels: int) -> bytes:
     inner = b"\x05\x00"
     for _ in range(levels):
