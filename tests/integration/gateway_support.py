@@ -12,9 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from config.schema import DatabaseConfig
 from gateway.accounts import AccountStore
@@ -29,6 +30,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 CARD_HOLDER_PASSWORD = "card-holder-password-1"
+
+
+T = TypeVar("T")
+
+
+def inbox_messages(c: imaplib.IMAP4) -> list[bytes]:
+    """Every message of the INBOX of a logged-in IMAP session, whole, oldest first."""
+    c.select("INBOX")
+    _, data = c.search(None, "ALL")
+    return [part[1] for n in data[0].split() for part in c.fetch(n, "(BODY.PEEK[])")[1] if isinstance(part, tuple)]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0) -> T:
+    """Poll `predicate` every 0.25 s until it returns something true or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return value
 
 
 def free_port() -> int:

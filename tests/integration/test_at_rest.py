@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import functools
 import imaplib
 import os
 import pwd
@@ -39,8 +40,10 @@ from tests.integration.gateway_support import (
     GatewayProcess,
     TwoGateways,
     dev_pkis,
+    inbox_messages,
     short_tmpdir,
     two_gateways,
+    wait_until,
 )
 from tests.pcsc_support import PcscStack, PracticeCardFiles
 
@@ -64,20 +67,13 @@ def letter(sender: str, to: str, subject: str, body: str) -> bytes:
             f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n").encode()
 
 
-def wait_until(predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return value
+def spool_empty(gw: GatewayProcess) -> bool:
+    return not any((gw.root / "spool" / "msg").iterdir())
 
 
 def bobs_mail(world: TwoGateways, marker: bytes) -> list[bytes]:
     with world.b.imap(world.bob) as c:
-        c.select("INBOX")
-        _, data = c.search(None, "ALL")
-        messages = [part[1] for n in data[0].split() for part in c.fetch(n, "(BODY.PEEK[])")[1]
-                    if isinstance(part, tuple)]
-    return [m for m in messages if marker in m]
+        return [m for m in inbox_messages(c) if marker in m]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +139,7 @@ def run_flow(world: TwoGateways, stack: PcscStack, jeanne: Practitioner) -> Flow
         imap.starttls(ssl_context=tls)
         imap.login(world.bob, WRONG_PASSWORD)
     for gw in (world.a, world.b):  # everything delivered: the spools are empty again
-        assert wait_until(lambda gw=gw: not any((gw.root / "spool" / "msg").iterdir()), 30)
+        assert wait_until(functools.partial(spool_empty, gw), 30)
     return Flow(world, token, started, held_mode, unlock.stdout + unlock.stderr)
 
 

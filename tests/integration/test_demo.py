@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from config.loader import load
 from gateway.devpki import load_dev_pki
 from gateway.tls import client_context
-from tests.integration.gateway_support import free_port, short_tmpdir
+from tests.integration.gateway_support import free_port, inbox_messages, short_tmpdir
 from tests.pcsc_support import PcscStack, PracticeCardFiles
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,9 +138,7 @@ def peer_inbox(demo: Demo) -> list[bytes]:
     with imaplib.IMAP4("127.0.0.1", peer.mailboxes.imap.port, timeout=30) as c:
         c.starttls(ssl_context=client_context(str(peer.tls.ca)))
         c.login(RECIPIENT, password(demo.root / "var" / "peer" / "dev-accounts.txt", RECIPIENT))
-        c.select("INBOX")
-        _, data = c.search(None, "ALL")
-        return [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index,misc]
+        return inbox_messages(c)
 
 
 def test_the_walkthrough_sends_signed_encrypted_mail_that_the_peer_reads_verified(demo: Demo) -> None:

@@ -22,7 +22,15 @@ import pytest
 
 from config.schema import DatabaseConfig
 from gateway.db import make_engine, metadata
-from tests.integration.gateway_support import ALICE, BOB, DOMAIN, PASSWORDS, GatewayProcess, short_tmpdir
+from tests.integration.gateway_support import (
+    ALICE,
+    BOB,
+    DOMAIN,
+    PASSWORDS,
+    GatewayProcess,
+    inbox_messages,
+    short_tmpdir,
+)
 
 
 @pytest.fixture
@@ -65,16 +73,6 @@ def a_message(subject: str) -> bytes:
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 
-def fetch_all(c: imaplib.IMAP4) -> list[bytes]:
-    c.select("INBOX")
-    _, data = c.search(None, "ALL")
-    out = []
-    for num in data[0].split():
-        _, parts = c.fetch(num, "(BODY.PEEK[])")
-        out.append(parts[0][1])
-    return out
-
-
 def wait_for(predicate, timeout: float = 20):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
@@ -96,11 +94,11 @@ def test_submission_to_imap_byte_for_byte(gateway: GatewayProcess) -> None:
         refused = s.sendmail(ALICE, [BOB], original)
     assert refused == {}
     with gateway.imap() as c:
-        [fetched] = wait_for(lambda: fetch_all(c))
+        [fetched] = wait_for(lambda: inbox_messages(c))
     assert set(added_headers(fetched, original)) <= {b"Return-Path", b"Delivered-To", b"Received"}
     assert b"by gw.dev.mssante.test (mssgw) with ESMTPSA" in fetched
     with gateway.imap(ALICE) as c:
-        assert fetch_all(c) == []  # the sender's own mailbox is untouched
+        assert inbox_messages(c) == []  # the sender's own mailbox is untouched
 
 
 def test_submission_to_imap_on_postgresql(gateway_on_postgresql: GatewayProcess) -> None:
@@ -108,7 +106,7 @@ def test_submission_to_imap_on_postgresql(gateway_on_postgresql: GatewayProcess)
     with gateway_on_postgresql.smtp() as s:
         assert s.sendmail(ALICE, [BOB], original) == {}
     with gateway_on_postgresql.imap() as c:
-        [fetched] = wait_for(lambda: fetch_all(c))
+        [fetched] = wait_for(lambda: inbox_messages(c))
     assert fetched.endswith(original)
 
 
@@ -157,7 +155,7 @@ def test_acknowledged_message_survives_sigkill(gateway: GatewayProcess) -> None:
         s.close()
         gateway.start()
     with gateway.imap() as c:
-        fetched = wait_for(lambda: len(fetch_all(c)) >= len(ids) and fetch_all(c))
+        fetched = wait_for(lambda: len(inbox_messages(c)) >= len(ids) and inbox_messages(c))
     got = [re.search(rb"Message-ID: (<[^>]+>)", m).group(1) for m in fetched]  # type: ignore[union-attr]
     assert sorted(got) == sorted(ids), "a message was lost or delivered twice"
 
@@ -166,7 +164,7 @@ def test_ctrl_c_stops_cleanly(gateway: GatewayProcess) -> None:
     with gateway.smtp() as s:
         s.sendmail(ALICE, [BOB], a_message("avant l'arrêt"))
     with gateway.imap() as c:
-        assert wait_for(lambda: fetch_all(c))
+        assert wait_for(lambda: inbox_messages(c))
     dovecot_pid = int((gateway.root / "dc" / "master.pid").read_text())
     assert gateway.interrupt() == 0
     log = gateway.log.read_text()

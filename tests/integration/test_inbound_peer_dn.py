@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.devdirectory import operator_dn
-from tests.integration.gateway_support import A, TwoGateways, dev_pkis, short_tmpdir, two_gateways
+from tests.integration.gateway_support import A, TwoGateways, dev_pkis, inbox_messages, short_tmpdir, two_gateways
 
 D, E, F = "d.mssante.test", "e.mssante.test", "f.mssante.test"
 OTHER_OPERATOR = "CN=gw.a.mssante.test,OU=399900000999999,O=AUTRE OPERATEUR TEST,ST=Paris (75),C=FR"
@@ -81,9 +81,7 @@ def test_a_relayed_message_from_the_wrong_operator_ends_in_a_dsn(world: TwoGatew
     messages: list[bytes] = []
     with world.a.imap(world.alice) as c:
         while not messages and time.monotonic() < deadline:
-            c.select("INBOX")
-            _, data = c.search(None, "ALL")
-            messages = [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index,misc]
+            messages = inbox_messages(c)
             time.sleep(0.2)
     [dsn] = messages
     report = email.message_from_bytes(dsn, policy=email.policy.default)

@@ -23,7 +23,16 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.integration.gateway_support import A, B, GatewayProcess, dev_pkis, free_port, short_tmpdir, two_gateways
+from tests.integration.gateway_support import (
+    A,
+    B,
+    GatewayProcess,
+    dev_pkis,
+    free_port,
+    inbox_messages,
+    short_tmpdir,
+    two_gateways,
+)
 
 C = "c.mssante.test"
 PLAIN = "plain.b.mssante.test"  # B's second domain, which A's configuration names in relay.plain_domains
@@ -103,10 +112,9 @@ def wait_for_mail(gw: GatewayProcess, user: str, timeout: float = 30) -> list[by
     deadline = time.monotonic() + timeout
     with gw.imap(user) as c:
         while True:
-            c.select("INBOX")
-            _, data = c.search(None, "ALL")
-            if data[0].split() or time.monotonic() > deadline:
-                return [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index,misc]
+            messages = inbox_messages(c)
+            if messages or time.monotonic() > deadline:
+                return messages
             time.sleep(0.2)
 
 

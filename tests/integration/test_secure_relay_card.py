@@ -9,7 +9,6 @@ from __future__ import annotations
 import email
 import email.policy
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,10 @@ from tests.integration.gateway_support import (
     CARD_HOLDER_PASSWORD,
     TwoGateways,
     dev_pkis,
+    inbox_messages,
     short_tmpdir,
     two_gateways,
+    wait_until,
 )
 from tests.pcsc_support import PcscStack, PracticeCardFiles
 
@@ -52,19 +53,9 @@ def queue_states(world: TwoGateways) -> str:
     return world.a.mssgw("queue", "list").stdout
 
 
-def wait_until(predicate, timeout: float = 40.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return value
-
-
 def bobs_mail(world: TwoGateways, subject: bytes) -> list[bytes]:
     with world.b.imap(world.bob) as c:
-        c.select("INBOX")
-        _, data = c.search(None, "ALL")
-        messages = [c.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]  # type: ignore[index]
-    return [m for m in messages if subject in m]
+        return [m for m in inbox_messages(c) if subject in m]
 
 
 def send(world: TwoGateways, jeanne: Practitioner, subject: str) -> None:
