@@ -35,6 +35,7 @@ from cps.devstack import (
     start_pcscd,
     wait_until,
 )
+from gateway.devpki import DevPki
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SLOT = 1
@@ -87,6 +88,15 @@ def make_test_pki(directory: Path, rpps: str = "10001234567", key_size: int = 20
     ca_path = directory / "ca-bundle.pem"
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return PracticeCardFiles(pki=directory, rpps=rpps, ca_cert=ca_path)
+
+
+def dev_pki_card(workdir: Path, pki: DevPki, rpps: str, *, pin: str = "1234") -> PcscStack:
+    """pcscd (reused or ours) and, in the tests' slot, the started virtual card of practitioner `rpps` of a
+    development PKI (gateway.devpki); `stop()` it afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = PcscStack(workdir, PracticeCardFiles(pki=pki.directory, rpps=rpps, ca_cert=pki.personnes_cert), pin=pin)
+    stack.start()
+    return stack
 
 
 class PcscStack:

@@ -45,7 +45,7 @@ from tests.integration.gateway_support import (
     two_gateways,
     wait_until,
 )
-from tests.pcsc_support import PcscStack, PracticeCardFiles
+from tests.pcsc_support import PcscStack, dev_pki_card
 
 PIN = "48159263"  # eight digits: unlikely to occur by chance in a log of hex ids and fingerprints
 RPPS = "10007654321"  # not the `make run` demo card, which may sit in the other slot
@@ -81,10 +81,7 @@ def flow(dovecot_binary: Path) -> Iterator[Flow]:
     root = short_tmpdir()
     pki_a, pki_b = dev_pkis(root)
     jeanne = pki_a.practitioner(RPPS)
-    (root / "pcsc").mkdir()
-    stack = PcscStack(root / "pcsc", PracticeCardFiles(pki=pki_a.directory, rpps=RPPS, ca_cert=pki_a.personnes_cert),
-                      pin=PIN)
-    stack.start()
+    stack = dev_pki_card(root / "pcsc", pki_a, RPPS, pin=PIN)
     world: TwoGateways | None = None
     try:
         world = two_gateways(root, pki_a, pki_b, card_holders=[jeanne], log_level="DEBUG")

@@ -34,7 +34,7 @@ from config.loader import load
 from gateway.devpki import load_dev_pki
 from gateway.tls import client_context
 from tests.integration.gateway_support import free_port, inbox_messages, short_tmpdir
-from tests.pcsc_support import PcscStack, PracticeCardFiles
+from tests.pcsc_support import PcscStack, dev_pki_card
 
 ROOT = Path(__file__).resolve().parents[2]
 PIN = "1234"  # the virtual card's default, as for the `make run` card
@@ -97,10 +97,7 @@ def demo(dovecot_binary: Path) -> Iterator[Demo]:
             assert {f: f.read_bytes() for f in files} == kept
         kept = {f: f.read_bytes() for f in files}
     pki = load_dev_pki(root / "var" / "pki")
-    (root / "pcsc").mkdir()
-    stack = PcscStack(root / "pcsc", PracticeCardFiles(pki=pki.directory, rpps=RPPS, ca_cert=pki.personnes_cert),
-                      pin=PIN)
-    stack.start()
+    stack = dev_pki_card(root / "pcsc", pki, RPPS, pin=PIN)
     ours = x509.load_pem_x509_certificate(pki.practitioner(RPPS).sign_cert.read_bytes())
     info = subprocess.run([sys.executable, "-m", "gateway.cli", "card", "info", "--reader", stack.reader], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)

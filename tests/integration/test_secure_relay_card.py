@@ -24,7 +24,7 @@ from tests.integration.gateway_support import (
     two_gateways,
     wait_until,
 )
-from tests.pcsc_support import PcscStack, PracticeCardFiles
+from tests.pcsc_support import PcscStack, dev_pki_card
 
 PIN = "1234"
 RPPS = "10007654321"  # not the `make run` demo card (10001234567), which may sit in the other slot
@@ -35,10 +35,7 @@ def setup(dovecot_binary: Path) -> Iterator[tuple[TwoGateways, PcscStack, Practi
     root = short_tmpdir()
     pki_a, pki_b = dev_pkis(root)
     jeanne = pki_a.practitioner(RPPS)
-    (root / "pcsc").mkdir()
-    stack = PcscStack(root / "pcsc", PracticeCardFiles(pki=pki_a.directory, rpps=RPPS, ca_cert=pki_a.personnes_cert),
-                      pin=PIN)
-    stack.start()
+    stack = dev_pki_card(root / "pcsc", pki_a, RPPS, pin=PIN)
     world = two_gateways(root, pki_a, pki_b, card_holders=[jeanne])
     try:
         world.start()
