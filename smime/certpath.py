@@ -5,12 +5,18 @@ WebPKI-shaped and it has no revocation) or pyhanko-certvalidator (async-only, an
 HTTP client): we need every failure as a typed reason for the report, a caller-chosen time, and CRLs
 given as bytes by the caller (no fetching: smime/ does no I/O). Not implemented: name constraints,
 certificate policies, delta and indirect CRLs.
+
+A receiving gateway sees the same signer, with the same chain, in message after message: a path that
+validated is kept in its `TrustStore` (see `_PathCache`), with the span of time in which its outcome cannot
+change, and served again within that span. A new store (trust anchors or CRLs loaded again) starts empty.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,12 +61,72 @@ DEFAULT_POLICY = ValidationPolicy()
 
 
 @dataclass(frozen=True, slots=True)
+class ValidatedPath:
+    """A path from the end entity up to its anchor, and how revocation was established."""
+
+    certificates: tuple[x509.Certificate, ...]
+    revocation: str
+
+
+_CacheKey = tuple[x509.Certificate, tuple[x509.Certificate, ...], ValidationPolicy]
+Moment = datetime.datetime | None
+
+
+class _PathCache:
+    """Successful validations of one `TrustStore`, each with the open interval of time in which it holds.
+
+    What a validation depends on is the end entity, the certificates the message brought (`extra`), the
+    policy, the store (immutable: a reloaded trust list or CRL set is a new store, with a new cache) and the
+    time. The time enters only through dates: the validity of every certificate that could be on a path,
+    the thisUpdate and nextUpdate of every CRL, the revocation date of every entry that names a serial of
+    the path. Between two consecutive such dates every comparison with them gives the same answer, so the
+    outcome found at one moment holds at any other moment strictly between the same two dates (`_span`).
+    A certificate that expires, a CRL that goes stale or a new one that becomes current, a revocation that
+    takes effect: each is one of those dates, and the cached outcome is not used across it. Failures are not
+    kept: they are rare, and raise again with their own reason.
+    """
+
+    MAX_ENTRIES = 512
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[_CacheKey, tuple[Moment, Moment, ValidatedPath]] = OrderedDict()
+        self._lock = threading.Lock()  # big messages are verified in worker threads (gateway.inbound_security)
+
+    def get(self, key: _CacheKey, at: datetime.datetime) -> ValidatedPath | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            after, before, result = found
+            if (after is not None and at <= after) or (before is not None and at >= before):
+                return None
+            self._entries.move_to_end(key)
+            return result
+
+    def put(self, key: _CacheKey, span: tuple[Moment, Moment], result: ValidatedPath) -> None:
+        with self._lock:
+            self._entries[key] = (*span, result)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True, slots=True)
 class TrustStore:
-    """Trust anchors, known intermediates and the CRLs that cover them, all parsed, none fetched."""
+    """Trust anchors, known intermediates and the CRLs that cover them, all parsed, none fetched.
+
+    Immutable, so that the paths validated against it can be kept with it (`validated_paths`); to take a
+    new trust list or new CRLs, build a new store.
+    """
 
     anchors: tuple[x509.Certificate, ...]
     intermediates: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = field(default=(), repr=False)
+    validated_paths: _PathCache = field(default_factory=_PathCache, init=False, repr=False, compare=False,
+                                        hash=False)
 
     @classmethod
     def from_pem(cls, bundle_pem: bytes, crls_pem: bytes = b"") -> TrustStore:
@@ -85,14 +151,6 @@ def _load_crls(data: bytes) -> tuple[x509.CertificateRevocationList, ...]:
         return (x509.load_der_x509_crl(data),)
     marker = b"-----BEGIN X509 CRL-----"
     return tuple(x509.load_pem_x509_crl(marker + chunk) for chunk in data.split(marker)[1:])
-
-
-@dataclass(frozen=True, slots=True)
-class ValidatedPath:
-    """A path from the end entity up to its anchor, and how revocation was established."""
-
-    certificates: tuple[x509.Certificate, ...]
-    revocation: str
 
 
 _SHORT_NAMES = {NameOID.SURNAME: "SN", NameOID.GIVEN_NAME: "GN", NameOID.TITLE: "title"}
@@ -226,8 +284,50 @@ def _check_revocation(cert: x509.Certificate, issuer: x509.Certificate, store: T
 def validate_path(end_entity: x509.Certificate, store: TrustStore, *, extra: Sequence[x509.Certificate] = (),
                   at: datetime.datetime | None = None, policy: ValidationPolicy = DEFAULT_POLICY
                   ) -> ValidatedPath:
-    """Build and check the path of `end_entity` at time `at` (now by default), or raise why not."""
+    """Build and check the path of `end_entity` at time `at` (now by default), or raise why not.
+
+    A path found valid before with the same certificates and policy, in the same span of time (see
+    `_PathCache`), is returned again without redoing the checks.
+    """
     when = at or datetime.datetime.now(datetime.UTC)
+    key: _CacheKey = (end_entity, tuple(extra), policy)
+    cached = store.validated_paths.get(key, when)
+    if cached is not None:
+        return cached
+    result = _validate(end_entity, store, extra, when, policy)
+    span = _span(result.certificates, store, extra, when)
+    if span is not None:
+        store.validated_paths.put(key, span, result)
+    return result
+
+
+def _span(path: Sequence[x509.Certificate], store: TrustStore, extra: Sequence[x509.Certificate],
+          at: datetime.datetime) -> tuple[Moment, Moment] | None:
+    """The open interval around `at` holding none of the dates a validation of this path compares with.
+
+    Over-inclusive on purpose (every certificate path building could pick, every CRL of the store, any
+    entry with a serial of the path whoever issued it): a smaller interval only costs a validation more.
+    None when `at` is itself one of those dates.
+    """
+    moments: list[datetime.datetime] = []
+    for cert in (*store.anchors, *store.intermediates, *extra, *path):
+        moments += (cert.not_valid_before_utc, cert.not_valid_after_utc)
+    serials = {cert.serial_number for cert in path}
+    for crl in store.crls:
+        moments.append(crl.last_update_utc)
+        if crl.next_update_utc is not None:
+            moments.append(crl.next_update_utc)
+        for serial in serials:
+            entry = crl.get_revoked_certificate_by_serial_number(serial)
+            if entry is not None:
+                moments.append(entry.revocation_date_utc)
+    if at in moments:
+        return None
+    return (max((m for m in moments if m < at), default=None), min((m for m in moments if m > at), default=None))
+
+
+def _validate(end_entity: x509.Certificate, store: TrustStore, extra: Sequence[x509.Certificate],
+              when: datetime.datetime, policy: ValidationPolicy) -> ValidatedPath:
     path = build_path(end_entity, store, extra, when, policy)
     issued = path[:-1]  # everything but the anchor, which is trusted as configured
     for cert in path:
@@ -243,7 +343,8 @@ def validate_path(end_entity: x509.Certificate, store: TrustStore, *, extra: Seq
         for cert, issuer in zip(issued, path[1:], strict=True):
             notes.append(_check_revocation(cert, issuer, store, when, policy.revocation))
     revocation = "; ".join(notes) if notes else "not checked (revocation off)"
-    log.debug("path of %s: %d certificates, %s", name_of(end_entity), len(path), revocation)
+    if log.isEnabledFor(logging.DEBUG):  # name_of costs as much as a CRL lookup
+        log.debug("path of %s: %d certificates, %s", name_of(end_entity), len(path), revocation)
     return ValidatedPath(path, revocation)
 
 

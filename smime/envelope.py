@@ -225,16 +225,14 @@ async def _decrypt_content(der_bytes: bytes, decrypter: Decrypter, limits: Parse
 
 
 def _find_recipient(infos: cms.RecipientInfos, cert: x509.Certificate) -> cms.KeyTransRecipientInfo:
-    present: list[str] = []
     for ri in infos:
-        if ri.name != "ktri":
-            present.append(f"{ri.name} (not supported)")
-            continue
-        if identifies(ri.chosen["rid"], cert):
+        if ri.name == "ktri" and identifies(ri.chosen["rid"], cert):
             return ri.chosen
-        present.append(describe_identifier(ri.chosen["rid"]))
+    # Described only now: the other recipients (the sender's copy, say) are not ours in most messages.
+    present = tuple(describe_identifier(ri.chosen["rid"]) if ri.name == "ktri" else f"{ri.name} (not supported)"
+                    for ri in infos)
     ours = f"{cert.issuer.rfc4514_string()} serial {cert.serial_number:x}"
-    raise NoRecipientInfo(ours, tuple(present))
+    raise NoRecipientInfo(ours, present)
 
 
 def _key_transport(alg: cms.KeyEncryptionAlgorithm) -> tuple[KeyTransportPadding, OaepHashName]:

@@ -51,39 +51,59 @@ def check_ber(data: bytes | memoryview, limits: ParseLimits) -> None:
         raise LimitExceeded("CMS structure size in bytes", size, limits.max_cms_bytes)
     buf = memoryview(data)
     ends: list[int | None] = []  # end offset of each open constructed value; None: indefinite length
+    bounds: list[int] = []  # beside each: the end of the innermost definite value (or of the data) at that level
+    limit = size  # bounds[-1], or size with nothing open
     pos = 0
     elements = 0
+    max_elements, max_depth = limits.max_asn1_elements, limits.max_asn1_depth
     while True:
         while ends and ends[-1] is not None and pos >= ends[-1]:
             ends.pop()
-        limit = next((e for e in reversed(ends) if e is not None), size)
+            bounds.pop()
+            limit = bounds[-1] if bounds else size
         if pos >= limit:
             if limit == size:
                 return
-            while ends.pop() is None:  # an indefinite value left open inside a definite one: close both
-                pass
+            while True:  # an indefinite value left open inside a definite one: close both
+                bounds.pop()
+                if ends.pop() is not None:
+                    break
+            limit = bounds[-1] if bounds else size
             continue
-        header = _header(buf, pos, limit)
-        if header is None:
-            enclosing = ends[-1] if ends else None
-            if enclosing is None:
-                return
-            ends.pop()
-            pos = enclosing
-            continue
-        constructed, start, end = header
-        if end == -2:  # end-of-contents octets (X.690 §8.1.5)
-            if ends and ends[-1] is None:
+        # The usual header (a one-byte tag, a definite length under 128) read here; `_header` reads the rest.
+        first = buf[pos]
+        length = buf[pos + 1] if pos + 1 < limit else 0x80
+        if first & 0x1F != 0x1F and length < 0x80 and (first or length) and pos + 2 + length <= limit:
+            constructed, start, end = bool(first & 0x20), pos + 2, pos + 2 + length
+        else:
+            header = _header(buf, pos, limit)
+            if header is None:
+                enclosing = ends[-1] if ends else None
+                if enclosing is None:
+                    return
                 ends.pop()
-            pos = start
-            continue
+                bounds.pop()
+                limit = bounds[-1] if bounds else size
+                pos = enclosing
+                continue
+            constructed, start, end = header
+            if end == -2:  # end-of-contents octets (X.690 §8.1.5)
+                if ends and ends[-1] is None:
+                    ends.pop()
+                    bounds.pop()
+                    limit = bounds[-1] if bounds else size
+                pos = start
+                continue
         elements += 1
-        if elements > limits.max_asn1_elements:
-            raise LimitExceeded("ASN.1 elements in a CMS structure", elements, limits.max_asn1_elements)
+        if elements > max_elements:
+            raise LimitExceeded("ASN.1 elements in a CMS structure", elements, max_elements)
         if constructed:
             ends.append(None if end == -1 else end)
-            if len(ends) > limits.max_asn1_depth:
-                raise LimitExceeded("ASN.1 nesting depth", len(ends), limits.max_asn1_depth)
+            if end != -1:
+                limit = end
+            bounds.append(limit)
+            if len(ends) > max_depth:
+                raise LimitExceeded("ASN.1 nesting depth", len(ends), max_depth)
             pos = start
         elif end < 0:
             return  # a primitive value cannot have an indefinite length: the parser will say so

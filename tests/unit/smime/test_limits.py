@@ -8,9 +8,16 @@ from smime import der
 from smime.cms import load_content_info
 from smime.envelope import decrypt_content, encrypt_content
 from smime.errors import LimitExceeded, SmimeError
+from smime.filekeys import FileKey
 from smime.limits import DEFAULT_LIMITS, ParseLimits, check_ber
 from smime.message import open_message, sign_and_encrypt
-from smime.mime import canonicalize, check_structure, content_type
+from smime.mime import (
+    canonicalize,
+    check_structure,
+    content_type,
+    split_message,
+    split_multipart_signed,
+)
 from smime.signing import sign_message
 from smime.verify import verify_signed_data
 from tests.fuzz.support import email_view
@@ -172,3 +179,46 @@ def test_zip_limits_in_the_limits_table_match_the_directory_defaults():
     cfg = LimitsConfig()
     assert (cfg.max_zip_member_size, cfg.max_zip_ratio) == (DEFAULT_ZIP_LIMITS.max_member_bytes,
                                                              DEFAULT_ZIP_LIMITS.max_ratio)
+
+
+def _der_shape(data: bytes) -> tuple[int, int]:
+    """(TLVs, deepest nesting of constructed values) of a DER encoding, walked recursively (the test's own reading)."""
+    elements, deepest = 0, 0
+
+    def walk(start: int, end: int, depth: int) -> None:
+        nonlocal elements, deepest
+        pos = start
+        while pos < end:
+            tag, length, pos = data[pos], data[pos + 1], pos + 2
+            if length & 0x80:
+                count = length & 0x7F
+                length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+            elements += 1
+            if tag & 0x20:
+                deepest = max(deepest, depth + 1)
+                walk(pos, pos + length, depth + 1)
+            pos += length
+
+    walk(0, len(data), 0)
+    return elements, deepest
+
+
+async def test_asn1_limits_are_exact_on_a_real_signed_data(jeanne_sign: FileKey) -> None:
+    """The scan counts every TLV and level of a real SignedData (certificates included), to the unit."""
+    signed = await sign_message(message(LEAF), jeanne_sign, chain=jeanne_sign.chain)
+    signature = split_multipart_signed(split_message(signed)[1]).signature
+    elements, depth = _der_shape(signature)
+    assert elements > 100 and depth > 5
+    check_ber(signature, ParseLimits(max_asn1_elements=elements, max_asn1_depth=depth))
+    with pytest.raises(LimitExceeded, match="ASN.1 elements"):
+        check_ber(signature, ParseLimits(max_asn1_elements=elements - 1))
+    with pytest.raises(LimitExceeded, match="ASN.1 nesting depth"):
+        check_ber(signature, ParseLimits(max_asn1_depth=depth - 1))
+
+
+def test_a_remembered_content_type_cannot_be_changed_by_one_caller() -> None:
+    block = b"Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; boundary=b1\r\n"
+    first = content_type(block)
+    with pytest.raises(TypeError):
+        first.params["boundary"] = "b2"  # type: ignore[index]
+    assert content_type(block).param("boundary") == "b1"
