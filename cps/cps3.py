@@ -23,6 +23,7 @@ IAS-ECC driver (card-iasecc.c, iasecc-sdo.c) for what the public texts leave ope
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -219,7 +220,15 @@ class Cps3Card:
         The host hashes the complete blocks; the card finishes SHA-256 and returns
         RSASSA-PKCS1-v1_5 (RFC 8017 §8.2) over the result.
         """
+        return self.sign_sha256_many([data], key_size=key_size)[0]
+
+    def sign_sha256_many(self, items: Sequence[bytes], *, key_size: int) -> list[bytes]:
+        """`sign_sha256` of each item in turn after one SELECT of the application (for several signatures in
+        one PC/SC transaction). Each keeps its whole sequence, MSE SET included (mssante.md §3.3)."""
         self.select_application()
+        return [self._sign_selected(data, key_size) for data in items]
+
+    def _sign_selected(self, data: bytes, key_size: int) -> bytes:
         part = partial_hash(data)
         self.channel.send(Command(0x00, 0x22, 0x41, 0xAA, bytes((0x80, 0x01, ALGO_SHA256))))
         self.channel.send(Command(0x00, 0x22, 0x41, 0xB6, bytes((0x84, 0x01, KEY_SIGN, 0x80, 0x01,

@@ -12,6 +12,13 @@ card, and sends VERIFY exactly once. The PIN is not kept: the verified state liv
 gateway too. A card that is removed, reinserted or reset has lost that state, and the next key
 operation raises `PinRequired` (the card answers 6982). A wrong PIN is reported with the tries
 left and never retried.
+
+Signatures asked for while the card is busy wait together, and the next holder of the lock makes
+them in one PC/SC transaction (`MAX_BATCH` at most): one hop to the card thread and one SELECT for
+the lot instead of one each, each signature keeping its own MSE SET, PSO HASH and PSO CDS. A
+gateway's senders share one card, and each hop costs the card thread a wait for the GIL of a busy
+event loop. An error ends the batch: every signature of it fails with that error, as it would have
+alone (a card removed or locked fails them all the same).
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_BATCH = 8
+"""Signatures made in one PC/SC transaction at most: a real card takes ~0.2 s each, and the batch's timeout grows
+with its size."""
+
 current_card: contextvars.ContextVar[str] = contextvars.ContextVar("current_card", default="-")
 
 
@@ -81,11 +92,20 @@ class CardStatus:
         return " ".join(parts) or None
 
 
+@dataclass(slots=True)
+class _Signature:
+    """One signature waiting for the card, and where its result goes."""
+
+    data: bytes
+    result: asyncio.Future[bytes]
+
+
 class CardSession:
     """One reader and the card in it, driven from asyncio.
 
-    `timeout` bounds each operation (seconds); on expiry `CardTimeout` is raised while the card
-    thread finishes what it started (the next operation queues behind it).
+    `timeout` bounds each operation (seconds; a batch of n signatures gets n times as long); on expiry
+    `CardTimeout` is raised while the card thread finishes what it started (the next operation queues
+    behind it).
     """
 
     def __init__(self, reader: str, *, timeout: float = 30.0) -> None:
@@ -97,6 +117,7 @@ class CardSession:
         self._card: PcscCard | None = None
         self._cps: Cps3Card | None = None
         self._status = CardStatus(reader=reader, present=False)
+        self._signatures: list[_Signature] = []
         self.round_trips = 0
 
     # -- the asyncio side -------------------------------------------------------------------
@@ -136,7 +157,46 @@ class CardSession:
         log.info("card %s: PIN unblocked and changed by an operator", self.reader)
 
     async def sign_sha256(self, data: bytes) -> bytes:
-        return await self._run("sign", functools.partial(self._key_operation, "sign", data))
+        """Sign with key 0x81, with whatever other signatures wait for the card at the same time (module doc)."""
+        mine = _Signature(data, asyncio.get_running_loop().create_future())
+        self._signatures.append(mine)
+        token = current_card.set(self.reader)
+        try:
+            async with self._lock:
+                while not mine.result.done():  # batches go in order: ours is in one of them
+                    await self._sign_batch()
+        except BaseException:  # cancelled while waiting for the card: nobody wants this signature any more
+            if mine in self._signatures:
+                self._signatures.remove(mine)
+            mine.result.cancel()
+            raise
+        finally:
+            current_card.reset(token)
+        return await mine.result
+
+    async def _sign_batch(self) -> None:
+        """The first waiting signatures, on the card thread in one transaction; their results where they go."""
+        self._signatures = [s for s in self._signatures if not s.result.done()]  # callers gone (cancelled)
+        batch, self._signatures = self._signatures[:MAX_BATCH], self._signatures[MAX_BATCH:]
+        timeout = self.timeout * len(batch)
+        ctx = contextvars.copy_context()
+        job = asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(ctx.run, self._sign_sync, [s.data for s in batch]))
+        try:
+            signatures = await asyncio.wait_for(job, timeout)
+        except TimeoutError:
+            log.warning("card %s: %d signature(s) timed out after %gs", self.reader, len(batch), timeout)
+            _settle(batch, CardTimeout("sign", timeout))
+        except asyncio.CancelledError:
+            # Our caller went away; the others of the batch still wait: back to the front of the queue.
+            self._signatures[:0] = [s for s in batch if not s.result.done()]
+            raise
+        except Exception as exc:  # noqa: BLE001 - the card's answer, given to every signature of the batch
+            _settle(batch, exc)
+        else:
+            for waiting, signature in zip(batch, signatures, strict=True):
+                if not waiting.result.done():
+                    waiting.result.set_result(signature)
 
     async def decipher(self, cryptogram: bytes) -> bytes:
         return await self._run("decipher", functools.partial(self._key_operation, "decipher", cryptogram))
@@ -276,16 +336,24 @@ class CardSession:
         log.info("card %s unlocked", self.reader)
         return tries
 
-    def _key_operation(self, kind: Literal["sign", "decipher", "authenticate"], data: bytes) -> bytes:
+    def _key_size(self, kind: Literal["sign", "decipher", "authenticate"]) -> int:
         self._ensure_connected()
         status = self._status
         certificate = status.sign_certificate if kind == "sign" else status.auth_certificate
         assert certificate is not None
-        key_size = (certificate.public_key().key_size + 7) // 8  # type: ignore[union-attr]
+        return (certificate.public_key().key_size + 7) // 8  # type: ignore[union-attr]
+
+    def _sign_sync(self, items: list[bytes]) -> list[bytes]:
+        key_size = self._key_size("sign")
+        try:
+            return self._guarded(lambda cps: cps.sign_sha256_many(items, key_size=key_size))
+        except SecurityStatusNotSatisfied:
+            raise PinRequired(self.reader) from None
+
+    def _key_operation(self, kind: Literal["decipher", "authenticate"], data: bytes) -> bytes:
+        key_size = self._key_size(kind)
 
         def run(cps: Cps3Card) -> bytes:
-            if kind == "sign":
-                return cps.sign_sha256(data, key_size=key_size)
             if kind == "authenticate":
                 return cps.internal_authenticate(data, key_size=key_size)
             return cps.decipher(data)
@@ -302,6 +370,12 @@ class CardSession:
         if self._context is not None:
             self._context.close()
             self._context = None
+
+
+def _settle(batch: list[_Signature], error: BaseException) -> None:
+    for waiting in batch:
+        if not waiting.result.done():
+            waiting.result.set_exception(error)
 
 
 class CardSigner:

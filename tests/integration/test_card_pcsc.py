@@ -282,3 +282,58 @@ async def test_openssl_encrypted_cms_decrypts_with_the_card(session: CardSession
          "-out", str(tmp_path / "enveloped.der"), str(tmp_path / "recipient.pem")], check=True, capture_output=True)
     decrypted = await decrypt_content((tmp_path / "enveloped.der").read_bytes(), decrypter)
     assert decrypted.content == b"resultats d'analyse\r\n"
+
+
+def _verifies(signer: Signer, signature: bytes, data: bytes) -> bool:
+    public = signer.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    try:
+        public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    except Exception:  # noqa: BLE001 - any failure is "does not verify"
+        return False
+    return True
+
+
+async def test_signatures_asked_together_share_a_transaction(session: CardSession, stack: PcscStack) -> None:
+    """Senders sharing the card: what waits behind a signature goes in one batch, each result to its sender."""
+    await session.status()
+    await session.unlock(PIN)
+    signer = session.signer()
+    before = session.round_trips
+    await signer.sign(b"alone")
+    alone = session.round_trips - before  # SELECT, MSE HT, MSE DST, PSO HASH, PSO CDS, GET RESPONSE
+    stack.set_latency(0.1)  # the first one keeps the card busy while the others queue behind it
+    data = [b"signed attributes of message %d" % i for i in range(6)]
+    before = session.round_trips
+    signatures = await asyncio.gather(*(signer.sign(d) for d in data))
+    assert all(_verifies(signer, s, d) for s, d in zip(signatures, data, strict=True))
+    # The first alone, the five others after one SELECT: 6 + 1 + 5 x 5 exchanges instead of 6 x 6.
+    assert session.round_trips - before == alone + 1 + 5 * (alone - 1)
+
+
+async def test_a_locked_card_fails_every_signature_of_a_batch_without_a_pin_try(session: CardSession,
+                                                                                stack: PcscStack) -> None:
+    await session.status()
+    signer = session.signer()
+    outcomes = await asyncio.gather(*(signer.sign(b"%d" % i) for i in range(4)), return_exceptions=True)
+    assert all(isinstance(o, PinRequired) and o.hold for o in outcomes)
+    assert (await session.status()).pin_tries_left == 3
+
+
+async def test_a_sender_that_goes_away_leaves_the_batch_to_the_others(session: CardSession,
+                                                                       stack: PcscStack) -> None:
+    await session.status()
+    await session.unlock(PIN)
+    signer = session.signer()
+    stack.set_latency(0.2)
+    first = asyncio.create_task(signer.sign(b"first"))
+    await asyncio.sleep(0.05)  # the card is busy with the first: the next ones wait for the lock
+    waiting = [asyncio.create_task(signer.sign(b"next %d" % i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    waiting[1].cancel()
+    first.cancel()  # the one whose task drives the card goes away too
+    signatures = await asyncio.wait_for(asyncio.gather(waiting[0], waiting[2]), 10)
+    assert _verifies(signer, signatures[0], b"next 0") and _verifies(signer, signatures[1], b"next 2")
+    for gone in (first, waiting[1]):
+        with pytest.raises(asyncio.CancelledError):
+            await gone
