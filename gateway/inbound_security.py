@@ -44,7 +44,13 @@ from smime.errors import (
 )
 from smime.keys import Decrypter, KeyTransportPadding, OaepHashName
 from smime.limits import DEFAULT_LIMITS, ParseLimits
-from smime.message import MAX_DEPTH, OFFLOAD_BYTES, OpenedMessage, open_message, sender_address
+from smime.message import (
+    MAX_DEPTH,
+    OFFLOAD_BYTES,
+    OpenedMessage,
+    open_message,
+    sender_address,
+)
 from smime.mime import (
     content_type,
     field_name,
@@ -215,9 +221,12 @@ def strip_security_fields(message: bytes, hostname: str) -> tuple[bytes, int]:
 
 def _ascii(text: str, limit: int = MAX_REASON) -> str:
     """Printable US-ASCII for a header value (RFC 5322 §2.2): accents dropped, controls and the rest as '?'."""
-    plain = unicodedata.normalize("NFKD", text)
-    plain = "".join(c for c in plain if not unicodedata.combining(c))
-    plain = "".join(c if 32 <= ord(c) < 127 else "?" for c in " ".join(plain.split()))
+    if text.isascii() and text.isprintable():  # the usual case (names, addresses): nothing to drop or replace
+        plain = " ".join(text.split())
+    else:
+        plain = unicodedata.normalize("NFKD", text)
+        plain = "".join(c for c in plain if not unicodedata.combining(c))
+        plain = "".join(c if 32 <= ord(c) < 127 else "?" for c in " ".join(plain.split()))
     return plain if len(plain) <= limit else plain[:limit - 3] + "..."
 
 

@@ -14,6 +14,7 @@ change, and served again within that span. A new store (trust anchors or CRLs lo
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -156,8 +157,13 @@ def _load_crls(data: bytes) -> tuple[x509.CertificateRevocationList, ...]:
 _SHORT_NAMES = {NameOID.SURNAME: "SN", NameOID.GIVEN_NAME: "GN", NameOID.TITLE: "title"}
 
 
+@functools.lru_cache(maxsize=256)
 def name_of(cert: x509.Certificate) -> str:
-    """The subject as RFC 4514 text, with short names for the attributes of CPS subjects."""
+    """The subject as RFC 4514 text, with short names for the attributes of CPS subjects.
+
+    Kept per certificate (equal DER, equal answer): a verification names the signer and its chain several
+    times, and the same signers come back message after message; `rfc4514_string` is pure Python.
+    """
     return cert.subject.rfc4514_string(_SHORT_NAMES)
 
 

@@ -23,6 +23,7 @@ from gateway.inbound_security import (
     ErrorCode,
     InboundResult,
     Verdict,
+    _ascii,
     authserv_id,
     secure_inbound,
     strip_security_fields,
@@ -31,8 +32,20 @@ from smime.certpath import TrustStore
 from smime.errors import SenderMismatch
 from smime.filekeys import FileKey
 from smime.limits import ParseLimits
-from smime.message import OFFLOAD_BYTES, encrypt_entity, encrypt_message, sign_and_encrypt
-from smime.mime import field_name, field_value, header_fields, join_message, split_header_body, split_message
+from smime.message import (
+    OFFLOAD_BYTES,
+    encrypt_entity,
+    encrypt_message,
+    sign_and_encrypt,
+)
+from smime.mime import (
+    field_name,
+    field_value,
+    header_fields,
+    join_message,
+    split_header_body,
+    split_message,
+)
 from smime.signing import sign_entity
 from smime.verify import rpps_of
 
@@ -580,3 +593,12 @@ async def test_a_second_from_or_mailbox_in_the_header_is_not_verified(dev_pki, t
     result = await receive(raw, trust, paul)
     assert_delivered_as_received(result, raw)
     assert result.error_code is ErrorCode.IDENTITY
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Jeanne  EXEMPLE ", "Jeanne EXEMPLE"),  # printable ASCII: only the white space is folded
+    ("Hélène\tMÜLLER\x00 ﬁn", "Helene MULLER? fin"),  # accents dropped, ligature decomposed, a control as '?'
+    ("x" * 400, "x" * 297 + "..."),
+])
+def test_header_text_is_printable_ascii(text: str, expected: str) -> None:
+    assert _ascii(text) == expected
