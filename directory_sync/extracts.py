@@ -287,6 +287,7 @@ class ExtractReader:
         self.kind = kind
         self.width = len(self.header)
         self._positions = {normalise_name(n): i for i, n in enumerate(self.header)}
+        self._line_no = 1
 
     def column(self, name: str) -> int | None:
         return self._positions.get(normalise_name(name))
@@ -300,18 +301,45 @@ class ExtractReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lines(self, progress: Callable[[int], None] | None = None, every: int = 50_000) -> Iterator[tuple[int, bytes]]:
-        """(line number, raw bytes without the line end) of each non-blank line after the header."""
+    def lines(self, progress: Callable[[int], None] | None = None, every: int = 50_000,
+              stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(line number, raw bytes without the line end) of each non-blank line after the header;
+        with `stop`, only the lines that start before that byte offset."""
         stats = self.stats
-        line_no = 1
-        for raw in self._stream:
-            line_no += 1
-            stats.bytes_read += len(raw)
-            if progress is not None and line_no % every == 0:
-                progress(stats.bytes_read)
-            raw = raw.rstrip(b"\r\n")
-            if raw and not raw.isspace():
-                yield line_no, raw
+        line_no = self._line_no
+        try:
+            for raw in self._stream:
+                if stop is not None and stats.bytes_read >= stop:
+                    break
+                line_no += 1
+                stats.bytes_read += len(raw)
+                if progress is not None and line_no % every == 0:
+                    progress(stats.bytes_read)
+                raw = raw.rstrip(b"\r\n")
+                if raw and not raw.isspace():
+                    yield line_no, raw
+        finally:
+            self._line_no = line_no
+
+    @property
+    def line_no(self) -> int:
+        """The number of the last line read (the header is line 1)."""
+        return self._line_no
+
+    def skip_to(self, offset: int) -> None:
+        """Go to the first line that starts at byte `offset` or after: the line running through
+        offset - 1 is left to whoever reads the part before (`lines(stop=offset)`). Line numbers
+        then count from there (its first line is 1)."""
+        stream, done = self._stream, self.stats.bytes_read
+        if offset > done:
+            if stream.seekable():
+                stream.seek(offset - 1)
+            else:  # a ZIP member: inflated and dropped up to there
+                left = offset - 1 - done
+                while left > 0 and (block := stream.read(min(left, 1 << 20))):
+                    left -= len(block)
+            self.stats.bytes_read = offset - 1 + len(stream.readline())
+        self._line_no = 0
 
     def parse(self, line_no: int, raw: bytes) -> list[str] | None:
         """The fields of one line (the trailing `|` dropped), or None after counting it as malformed."""

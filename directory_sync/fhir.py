@@ -28,9 +28,8 @@ import httpx
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select
 
 from directory_sync.errors import FhirError
-from directory_sync.extracts import ExtractKind
 from directory_sync.mapping import address_key, content_digest, hash64
-from directory_sync.models import Mailbox, SyncRun, extract_line
+from directory_sync.models import Mailbox, SyncRun
 
 log = logging.getLogger(__name__)
 
@@ -369,15 +368,12 @@ def last_successful_sync(engine: Engine) -> dt.datetime | None:
 def _apply_page(engine: Engine, owners: list[FhirOwner], report: FhirReport) -> None:
     """Apply one page in one transaction.
 
-    The mailboxes no longer match the last applied MSSanté extract line for line, so its
-    line snapshot is dropped: the next extract import compares every key (sync.py).
+    A mailbox written here has no extract line (`line_hash` NULL), so the next import of the
+    MSSanté extract compares every key instead of going by line (sync.py).
     """
     with engine.begin() as conn:
-        before = report.upserted + report.closed_mailboxes
         for owner in owners:
             _apply(conn, owner, report)
-        if report.upserted + report.closed_mailboxes != before:
-            conn.execute(extract_line.delete().where(extract_line.c.kind == ExtractKind.MSSANTE.value))
 
 
 def _record(engine: Engine, report: FhirReport, started: dt.datetime, status: str, message: str | None,

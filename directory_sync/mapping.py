@@ -40,7 +40,7 @@ def address_key(address: str) -> str | None:
 
 
 def content_digest(values: Values) -> bytes:
-    """The digest `extract` computes: the fields joined by US (0x1F), an empty field as ''."""
+    """The content digest of a row: the fields joined by US (0x1F), an empty field as ''."""
     joined = "\x1f".join(v if v is not None else "" for v in values)
     return hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
 
@@ -53,8 +53,13 @@ def hash64(digest: bytes) -> int:
 class EntitySpec:
     """One table fed by an extract.
 
+    `per_line`: the extract's line entity, one row per line (activities, know-how, diplomas,
+    mailboxes). Its content hash is the hash of its line, which it also keeps as `line_hash`: that
+    is what a re-import compares (sync.py). The kind's other entities are the keys its rows name
+    in columns of the same names (an activity's `id_nat_ps` and `structure_id`).
+
     key_header None means the row has no identifier: the key is the owner's idNat_PS (the
-    first field) followed by a digest of the content, and a change is delete + insert.
+    first field) followed by the line's hash, and a change is delete + insert.
     """
 
     name: str
@@ -68,10 +73,13 @@ class EntitySpec:
     constants: tuple[tuple[str, Any], ...] = ()
     normalise_key: Callable[[str], str | None] | None = None
     validate: Callable[[dict[str, str | None]], str | None] | None = None
+    per_line: bool = False
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash")
+        """The insert columns: `extract`'s parameters, then `line_hash` for the line entity."""
+        line = ("line_hash",) if self.per_line else ()
+        return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash", *line)
 
     def bind(self, reader: ExtractReader) -> BoundEntity:
         key = () if self.key_header is None else (self.key_header,)
@@ -82,7 +90,13 @@ class EntitySpec:
 
 
 class BoundEntity:
-    """An EntitySpec bound to the column positions of one file."""
+    """An EntitySpec bound to the column positions of one file.
+
+    `extract(row, line_hash)` gives (key, content hash, insert parameters), or None when the row has no
+    such entity; it raises RowRejected when the row is unusable for this table. The parameters keep the
+    fields as the file spells them, an empty field as '': the insert statements turn '' into NULL
+    (`insert_sql`), which costs SQLite less than binding None from Python.
+    """
 
     def __init__(self, spec: EntitySpec, reader: ExtractReader) -> None:
         self.spec = spec
@@ -96,49 +110,43 @@ class BoundEntity:
         self._all_present = len(present) == len(positions)
         self._key_pos = None if spec.key_header is None else reader.column(spec.key_header)
         self._required = tuple((h, reader.column(h)) for h in spec.required)
-        self._constants = tuple(v for _, v in spec.constants)
+        self._constants: tuple[Any, ...] = tuple(v for _, v in spec.constants)
         self._field_names = tuple(c for c, _ in spec.fields)
-        self.has_raw_key = self._key_pos is not None and spec.normalise_key is None
-        # extract(row) -> (key, row_hash, insert parameters), or None when the row has no such entity;
-        # raises RowRejected when the row is unusable for this table. A closure made once per file:
-        # it runs for every line of a national extract.
-        self.extract: Callable[[list[str]], tuple[str, int, tuple[Any, ...]] | None] = self._extractor()
+        self.key_position = self._key_pos if spec.normalise_key is None else None
+        """Where the key stands in a row, when it is used as it stands (stripped), else None."""
+        # A closure made once per file: it runs for every line of a national extract.
+        self.extract: Callable[[list[str], int], tuple[str, int, tuple[Any, ...]] | None] = self._extractor()
 
-    def raw_key(self, row: list[str]) -> str | None:
-        """The key as it stands in the row when it needs no normalising (None otherwise)."""
-        if self._key_pos is None or self.spec.normalise_key is not None:
-            return None
-        return row[self._key_pos].strip() or None
-
-    def _extractor(self) -> Callable[[list[str]], tuple[str, int, tuple[Any, ...]] | None]:
+    def _extractor(self) -> Callable[[list[str], int], tuple[str, int, tuple[Any, ...]] | None]:
         spec = self.spec
         get, single, all_present, slots = self._get, self._single, self._all_present, self._slots
         key_pos, required, constants, names = self._key_pos, self._required, self._constants, self._field_names
-        normalise, validate, optional = spec.normalise_key, spec.validate, spec.optional_entity
+        normalise, validate, optional, per_line = spec.normalise_key, spec.validate, spec.optional_entity, spec.per_line
         key_header = spec.key_header
         blake2b, from_bytes = hashlib.blake2b, int.from_bytes
 
-        def extract(row: list[str]) -> tuple[str, int, tuple[Any, ...]] | None:
+        def extract(row: list[str], line_hash: int) -> tuple[str, int, tuple[Any, ...]] | None:
             for header, pos in required:
                 if pos is None or not row[pos]:
                     raise RowRejected(f"empty {header!r}")
-            raw = get(row)
+            values = get(row)
             if single:
-                raw = (raw,)
-            if all_present:
-                values: list[str | None] = [v or None for v in raw]
-                joined = "\x1f".join(raw)
-            else:
-                values = [None if s is None else (raw[s] or None) for s in slots]
-                joined = "\x1f".join([v or "" for v in values])
+                values = (values,)
+            if not all_present:
+                values = tuple(None if s is None else values[s] for s in slots)
             if validate is not None:
                 reason = validate(dict(zip(names, values, strict=True)))
                 if reason is not None:
                     raise RowRejected(reason)
-            digest = blake2b(joined.encode("utf-8"), digest_size=16).digest()
+            if per_line:
+                row_hash = line_hash
+            else:
+                joined = "\x1f".join(values) if all_present else "\x1f".join([v or "" for v in values])
+                # hash64(content_digest(values)), inlined
+                row_hash = from_bytes(blake2b(joined.encode("utf-8"), digest_size=16).digest()[:8], "big", signed=True)
             if key_pos is None:
                 # Owner first, so that a file sorted by practitioner inserts in key order.
-                key: str | None = (values[0] or "") + digest[:6].hex()
+                key: str | None = (values[0] or "") + format(line_hash & 0xFFFF_FFFF_FFFF, "012x")
             else:
                 key = row[key_pos].strip()
                 if normalise is not None and key:
@@ -149,8 +157,9 @@ class BoundEntity:
                 if optional:
                     return None
                 raise RowRejected(f"empty {key_header!r}")
-            row_hash = from_bytes(digest[:8], "big", signed=True)
-            return key, row_hash, (key, *values, *constants, row_hash)
+            if per_line:
+                return key, row_hash, (key,) + values + constants + (row_hash, line_hash)
+            return key, row_hash, (key,) + values + constants + (row_hash,)
 
         return extract
 
@@ -199,7 +208,7 @@ STRUCTURE = EntitySpec(
 
 ACTIVITY = EntitySpec(
     name="activities", table=Activity.__table__, key_column="activity_key",  # type: ignore[arg-type]
-    required=("Identification nationale PP",),
+    per_line=True, required=("Identification nationale PP",),
     fields=(
         ("id_nat_ps", "Identification nationale PP"), ("structure_id", "Identifiant technique de la structure"),
         ("know_how_type_code", "Code type savoir-faire"), ("know_how_type", "Libellé type savoir-faire"),
@@ -215,7 +224,7 @@ ACTIVITY = EntitySpec(
 
 KNOW_HOW = EntitySpec(
     name="know-how", table=KnowHow.__table__, key_column="know_how_key",  # type: ignore[arg-type]
-    required=("Identification nationale PP",),
+    per_line=True, required=("Identification nationale PP",),
     fields=(
         ("id_nat_ps", "Identification nationale PP"), ("profession_code", "Code profession"),
         ("category_code", "Code catégorie professionnelle"), ("type_code", "Code type savoir-faire"),
@@ -226,7 +235,7 @@ KNOW_HOW = EntitySpec(
 
 DIPLOMA = EntitySpec(
     name="diplomas", table=Diploma.__table__, key_column="diploma_key",  # type: ignore[arg-type]
-    required=("Identification nationale PP",),
+    per_line=True, required=("Identification nationale PP",),
     fields=(
         ("id_nat_ps", "Identification nationale PP"), ("diploma_type_code", "Code type diplôme obtenu"),
         ("diploma_type", "Libellé type diplôme obtenu"), ("diploma_code", "Code diplôme obtenu"),
@@ -239,7 +248,7 @@ DIPLOMA = EntitySpec(
 
 
 def _check_mailbox(values: dict[str, str | None]) -> str | None:
-    kind = values["mailbox_type"]
+    kind = values["mailbox_type"] or None
     if kind not in MAILBOX_TYPES:
         return f"unknown mailbox type {kind!r}"
     if kind in ("PER", "CAB") and not values["id_nat_ps"]:
@@ -249,7 +258,7 @@ def _check_mailbox(values: dict[str, str | None]) -> str | None:
 
 MAILBOX = EntitySpec(
     name="mailboxes", table=Mailbox.__table__, key_column="address_key",  # type: ignore[arg-type]
-    key_header="Adresse BAL", normalise_key=address_key, validate=_check_mailbox,
+    key_header="Adresse BAL", normalise_key=address_key, validate=_check_mailbox, per_line=True,
     needed=("Type de BAL", "Identification nationale PP", "Identification Structure"),
     fields=(
         ("address", "Adresse BAL"), ("mailbox_type", "Type de BAL"), ("id_type", "Type Identifiant PP"),
@@ -277,3 +286,5 @@ SPECS: dict[ExtractKind, tuple[EntitySpec, ...]] = {
     ExtractKind.DIPLOMES: (DIPLOMA,),
     ExtractKind.MSSANTE: (MAILBOX,),
 }
+"""Per kind, its entities; the last one is the line entity (`per_line`)."""
+

@@ -2,7 +2,9 @@
 
 Tables carry the `dir_` prefix because the gateway's own tables (accounts, queue) live in the
 same database. Rows fed from the extracts keep a 64-bit content hash (`row_hash`) so that a
-re-import compares hashes instead of every column. Identifiers follow the Annuaire Santé
+re-import compares hashes instead of every column; the rows of an extract's line entity
+(activities, know-how, diplomas, mailboxes) also keep the hash of the line they came from
+(`line_hash`), so that a re-import parses only the lines that changed (sync.py). Identifiers follow the Annuaire Santé
 (mssante.md §2.3): idNat_PS is the type digit followed by the RPPS or ADELI number.
 """
 
@@ -13,14 +15,11 @@ import datetime as dt
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Column,
     DateTime,
-    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
-    Table,
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -122,6 +121,7 @@ class Activity(Base):
     activity_kind_code: Mapped[str | None] = mapped_column(String(20))
     activity_kind: Mapped[str | None] = mapped_column(String(200))
     row_hash: Mapped[int] = mapped_column(BigInteger)
+    line_hash: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class KnowHow(Base):
@@ -138,6 +138,7 @@ class KnowHow(Base):
     code: Mapped[str | None] = mapped_column(String(20))
     label: Mapped[str | None] = mapped_column(String(200))
     row_hash: Mapped[int] = mapped_column(BigInteger)
+    line_hash: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class Diploma(Base):
@@ -156,6 +157,7 @@ class Diploma(Base):
     authorisation_discipline_code: Mapped[str | None] = mapped_column(String(40))
     authorisation_discipline: Mapped[str | None] = mapped_column(String(300))
     row_hash: Mapped[int] = mapped_column(BigInteger)
+    line_hash: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class Mailbox(Base):
@@ -205,6 +207,7 @@ class Mailbox(Base):
     fhir_ref: Mapped[str | None] = mapped_column(String(200), index=True)
     source: Mapped[str] = mapped_column(String(10), default="extract")
     row_hash: Mapped[int] = mapped_column(BigInteger)
+    line_hash: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class Certificate(Base):
@@ -260,17 +263,3 @@ class SyncRun(Base):
     deleted: Mapped[int] = mapped_column(Integer, default=0)
     message: Mapped[str | None] = mapped_column(Text)
 
-
-
-extract_line = Table(
-    "dir_extract_line",
-    Base.metadata,
-    Column("kind", String(40), nullable=False),
-    Column("line_hash", BigInteger, nullable=False),
-    Column("key0", String(320)),
-    Column("key1", String(320)),
-    Column("key2", String(320)),
-    Index("ix_dir_extract_line_kind_hash", "kind", "line_hash"),
-    comment="The lines of the last extract applied, per kind: a 64-bit hash and the keys each line fed. "
-            "A re-import parses only the lines whose hash is new.",
-)

@@ -1,12 +1,16 @@
-"""Per-line extraction of an extract, in this process or in a worker process that overlaps the writes.
+"""Per-line extraction of an extract: in this process, or split with a worker process.
 
 A full import spends about as long parsing, hashing and building row tuples as SQLite spends
-writing them. The machine has a second core: for a large file a worker process reads and
-parses the file while this process only executes the inserts. The worker sends one chunk of
-rows per CHUNK_LINES lines through a pipe (marshal: about 1 µs per row to rebuild here, where
-parsing costs ten); the pipe's buffer bounds what is in flight to about two chunks, so memory
-stays bounded. Malformed lines are counted with their numbers in the worker and handed back
-with the last message. The same `LineExtractor` runs inline for small files and in tests.
+writing them, and the machine has a second core. A large file is cut in two at a line
+boundary (`split_point`): this process reads the first part while a forked worker reads the
+second. The worker writes what it finds into a scratch SQLite file of its own (`side`): the
+rows to insert (mode "load") or to stage (modes "stage" and "lines"), and in mode "lines" the
+new lines themselves. The sync then copies that file into the directory inside its
+transaction, after this process's own rows, so that the first line of the file still wins a
+repeated key (sync.py). Both parts write at the same time and no row crosses a pipe: the pipe
+only carries the worker's progress and, at the end, its counts (malformed lines are numbered
+from the worker's first line: `Extraction.finish` renumbers them). The same `LineExtractor`
+runs alone for small files.
 """
 
 from __future__ import annotations
@@ -15,42 +19,45 @@ import bisect
 import contextlib
 import gc
 import hashlib
-import marshal
 import multiprocessing
 import os
 import pickle
+import sqlite3
+import urllib.parse
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
 from typing import Any
 
 from directory_sync.errors import RowRejected
-from directory_sync.extracts import ExtractReader, ExtractSource, ReadStats
+from directory_sync.extracts import MAX_REPORTED_MALFORMED, ExtractReader, ExtractSource, MalformedRow, ReadStats
 from directory_sync.mapping import SPECS, BoundEntity
 
-MAX_KEYS = 3
-CHUNK_LINES = 5000
+CHUNK_LINES = 500
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024
 """Below this size a worker process costs more to start than it saves."""
+WORKER_SHARE = {"load": 0.58, "stage": 0.5, "lines": 0.5}
+"""The share of the file's bytes the worker reads, per mode. Loading, this process also writes its rows into
+the directory's indexed tables, then copies the worker's: the worker takes more of the file."""
+STAGE_COLUMNS = ("k", "h", "line")
+"""A staged row: key, content hash, line number."""
 
-Keys = tuple[str | None, ...]
 Item = tuple[str, int, tuple[Any, ...]]
-Plan = list[tuple[Any, Any, "SeenKeys | None"]]
 
 
 @dataclass(slots=True)
 class Chunk:
-    """What CHUNK_LINES lines gave: per entity its rows, and the snapshot rows (line hash, keys...).
+    """What CHUNK_LINES lines gave: per entity, its rows.
 
-    Per entity, in mode "load" the insert parameters; in modes "stage" and "lines" (key, content hash,
-    line number). In mode "lines", only the lines that are not in the last applied file, and their bytes
-    in `raws` (line number, raw line).
+    In mode "load", the insert parameters; in modes "stage" and "lines", (key, content hash, line
+    number). In mode "lines", only the lines that are
+    not in the last applied file, and their bytes in `raws` (line number, raw line).
     """
 
     bytes_read: int
     rows: list[list[tuple[Any, ...]]]
-    snapshot: list[tuple[Any, ...]]
     raws: list[tuple[int, bytes]] = field(default_factory=list)
 
 
@@ -122,8 +129,8 @@ class SeenKeys:
         self._last: str | None = None
         self._top: str = ""
 
-    def has(self, key: str | None) -> bool:
-        return key is not None and (key == self._last or key in self._keys)
+    def has(self, key: str) -> bool:
+        return key == self._last or key in self._keys
 
     def add(self, key: str) -> None:
         self._last = key
@@ -143,165 +150,219 @@ class LineExtractor:
         self.reader = reader
         self.entities = entities
 
-    def plan(self, seen: list[SeenKeys] | None) -> Plan:
-        """Per entity: its extractor, and its raw-key reader with the keys seen so far when it has them."""
-        return [(e.extract, e.raw_key, seen[i]) if seen is not None and e.has_raw_key else (e.extract, None, None)
-                for i, e in enumerate(self.entities)]
+    def chunks(self, mode: str, known: KnownLines | None = None, stop: int | None = None) -> Iterator[Chunk]:
+        """Every well-formed line of the extract (that starts before byte `stop`), CHUNK_LINES lines at a
+        time; keys seen once are not sent again (except by line: a new line is wanted whole). Malformed
+        lines are counted (by the reader, or here when an entity rejects them) and skipped. Mode "lines":
+        only the lines whose hash is not in `known` (the others are marked there and counted as read).
 
-    def extract(self, line_no: int, fields: list[str], plan: Plan) -> tuple[list[Item | None], Keys] | None:
-        """Per entity, its (key, hash, params), or None (no such entity in the line, or a key already seen in
-        this run); and the line's keys padded to MAX_KEYS. None when the line is malformed (counted).
-        Runs once per line of a national file: kept flat on purpose."""
-        items: list[Item | None] = []
-        keys: list[str | None] = []
-        try:
-            for extract, raw_key, known in plan:
-                if known is not None:
-                    key = raw_key(fields)
-                    if known.has(key):
-                        items.append(None)
-                        keys.append(key)
-                        continue
-                item = extract(fields)
-                items.append(item)
-                keys.append(None if item is None else item[0])
-        except RowRejected as exc:
-            stats = self.reader.stats
-            stats.rows -= 1
-            stats.reject(line_no, exc.reason)
-            return None
-        for (_, _, known), item in zip(plan, items, strict=True):
-            if known is not None and item is not None:
-                known.add(item[0])  # only once the whole line is accepted
-        keys.extend([None] * (MAX_KEYS - len(keys)))
-        return items, tuple(keys)
-
-    def chunks(self, mode: str, known: KnownLines | None = None) -> Iterator[Chunk]:
-        """Every well-formed line of the extract, CHUNK_LINES lines at a time; keys seen once are not sent
-        again. Malformed lines are counted (by the reader or `extract`) and skipped. Mode "lines": only
-        the lines whose hash is not in `known` (the others are marked there and counted as read)."""
+        Runs once per line of a national file (2 million): kept flat on purpose, with everything it calls
+        per line bound to a local name."""
         reader = self.reader
         parse = reader.parse
-        extract = self.extract
         stats = reader.stats
+        reject = stats.reject
         by_line = mode == "lines"
-        plan = self.plan(None if by_line else [SeenKeys() for _ in self.entities])
         staged = mode != "load"
+        seen = [SeenKeys() if e.key_position is not None and not by_line else None for e in self.entities]
+        # Per entity: its extractor; and when its keys are tracked, where its key stands and the tracker.
+        plan = [(e.extract, e.key_position or 0, s.has if s is not None else None) for e, s in zip(self.entities, seen)]
+        tracked = [(i, s.add) for i, s in enumerate(seen) if s is not None]
         mark = known.mark if known is not None else None
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
         rows: list[list[tuple[Any, ...]]] = [[] for _ in self.entities]
         adds = [r.append for r in rows]
-        snapshot: list[tuple[Any, ...]] = []
-        snap = snapshot.append
         raws: list[tuple[int, bytes]] = []
         count = 0
-        for line_no, raw in reader.lines():
+        for line_no, raw in reader.lines(stop=stop):
+            h = from_bytes(blake2b(raw, digest_size=8).digest(), "big", signed=True)  # line_hash(raw), inlined
             if mark is not None:
                 count += 1
                 if count >= CHUNK_LINES:
-                    yield Chunk(stats.bytes_read, rows, snapshot, raws)
+                    yield Chunk(stats.bytes_read, rows, raws)
                     rows = [[] for _ in self.entities]
                     adds = [r.append for r in rows]
-                    snapshot = []
-                    snap = snapshot.append
                     raws = []
                     count = 0
-                h = line_hash(raw)
                 if mark(h):
                     stats.rows += 1
                     continue
-                fields = parse(line_no, raw)
-                if fields is None:
-                    continue
-                found = extract(line_no, fields, plan)
-                if found is None:
-                    continue
-                for add, item in zip(adds, found[0]):
-                    if item is not None:
-                        add((item[0], item[1], line_no))
-                snap((h, *found[1]))
-                raws.append((line_no, raw))
-                continue
             fields = parse(line_no, raw)
             if fields is None:
                 continue
-            found = extract(line_no, fields, plan)
-            if found is None:
+            try:
+                items = [None if has is not None and has(fields[position].strip()) else extract(fields, h)
+                         for extract, position, has in plan]
+            except RowRejected as exc:
+                stats.rows -= 1
+                reject(line_no, exc.reason)
                 continue
-            for add, item in zip(adds, found[0]):
+            for i, add_key in tracked:  # only once the whole line is accepted
+                item = items[i]
                 if item is not None:
-                    add((item[0], item[1], line_no) if staged else item[2])
-            snap((line_hash(raw), *found[1]))
+                    add_key(item[0])
+            if staged:
+                for add, item in zip(adds, items):
+                    if item is not None:
+                        add((item[0], item[1], line_no))
+                if by_line:
+                    raws.append((line_no, raw))
+                    continue
+            else:
+                for add, item in zip(adds, items):
+                    if item is not None:
+                        add(item[2])
             count += 1
             if count >= CHUNK_LINES:
-                yield Chunk(stats.bytes_read, rows, snapshot)
+                yield Chunk(stats.bytes_read, rows)
                 rows = [[] for _ in self.entities]
                 adds = [r.append for r in rows]
-                snapshot = []
-                snap = snapshot.append
                 count = 0
-        yield Chunk(stats.bytes_read, rows, snapshot, raws)
+        yield Chunk(stats.bytes_read, rows, raws)
 
 
-def extracted_chunks(
-    reader: ExtractReader, entities: list[BoundEntity], mode: str, *, parallel: bool | None = None,
-    known: KnownLines | None = None,
-) -> Iterator[Chunk]:
-    """The chunks of `LineExtractor.chunks`, computed here or (`parallel`, by default for a file of
-    PARALLEL_MIN_BYTES or more when this process may run on two CPUs or more) in a worker process; either way `reader.stats` ends with the counts
-    and `known.present` with the lines found again."""
+def wants_worker(reader: ExtractReader, parallel: bool | None) -> bool:
+    """Whether to split the file with a worker: by default for a file of PARALLEL_MIN_BYTES or more when this
+    process may run on two CPUs or more."""
     if parallel is None:
-        parallel = reader.source.size >= PARALLEL_MIN_BYTES and len(os.sched_getaffinity(0)) >= 2
-    if not parallel:
-        yield from LineExtractor(reader, entities).chunks(mode, known)
-        return
-    # fork: the worker starts at once, imports nothing and runs no main module again; it only reads
-    # the file and writes the pipe (no lock, connection or thread of this process is used there).
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    # `known` reaches the worker by the fork itself (copy on write), not through the pipe.
-    worker = ctx.Process(target=_work, args=(reader.source, mode, known, send), name="directory-extract",
-                         daemon=True)
-    worker.start()
-    send.close()
-    try:
-        while True:
+        return reader.source.size >= PARALLEL_MIN_BYTES and len(os.sched_getaffinity(0)) >= 2
+    return parallel
+
+
+def split_point(reader: ExtractReader, mode: str) -> int:
+    """Where the worker's part starts (a byte offset past the header) for `mode`: see WORKER_SHARE."""
+    start = reader.stats.bytes_read
+    return start + int((reader.source.size - start) * (1 - WORKER_SHARE[mode]))
+
+
+def side_tables(entities: list[BoundEntity], mode: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The tables of the worker's scratch file: per entity its rows (`load_<i>`: the insert parameters;
+    `stage_<i>`: STAGE_COLUMNS), then the new lines (`raws`: line, raw bytes)."""
+    if mode == "load":
+        return [(f"load_{i}", e.spec.columns) for i, e in enumerate(entities)]
+    return [*((f"stage_{i}", STAGE_COLUMNS) for i in range(len(entities))), ("raws", ("line", "raw"))]
+
+
+class Extraction:
+    """The lines of one extract in `mode`: all read here, or (`side`, a scratch SQLite file, and `split`)
+    the part before `split` read here and the rest by a worker into `side`.
+
+    `chunks()` gives this process's rows; then `finish()` waits for the worker and says how to number
+    its lines; `close()` stops a worker still running (an error here).
+    """
+
+    def __init__(self, reader: ExtractReader, entities: list[BoundEntity], mode: str, *,
+                 known: KnownLines | None = None, side: Path | None = None, split: int | None = None) -> None:
+        self.reader = reader
+        self.entities = entities
+        self.mode = mode
+        self.known = known
+        self.side = side if split is not None else None
+        self.split = split
+        self._worker: Any = None
+        self._receive: Pipe | None = None
+        self._worker_bytes = 0
+        self._result: tuple[ReadStats, bytearray | None] | None = None
+
+    def chunks(self) -> Iterator[Chunk]:
+        """This process's chunks; `bytes_read` counts the worker's progress too."""
+        extractor = LineExtractor(self.reader, self.entities)
+        if self.side is None:
+            yield from extractor.chunks(self.mode, self.known)
+            return
+        # fork: the worker starts at once, imports nothing and runs no main module again; it only reads
+        # the file and writes its scratch file and the pipe (no lock, connection or thread of this
+        # process is used there). `known` reaches it by the fork itself (copy on write).
+        ctx = multiprocessing.get_context("fork")
+        self._receive, send = ctx.Pipe(duplex=False)
+        self._worker = ctx.Process(target=_work, name="directory-extract", daemon=True,
+                                   args=(self.reader.source, self.mode, self.known, self.side, self.split, send))
+        self._worker.start()
+        send.close()
+        for chunk in extractor.chunks(self.mode, self.known, stop=self.split):
+            while self._result is None and self._receive.poll():
+                self._result = self._take(self._receive.recv_bytes())
+            chunk.bytes_read += self._worker_bytes
+            yield chunk
+
+    def finish(self, progress: Callable[[int], None] | None = None) -> int:
+        """Wait for the worker (reporting bytes done in all); add its counts to the reader's, its marks to
+        `known`; return what to add to the line numbers in its scratch file (0 without a worker)."""
+        if self._receive is None:
+            return 0
+        stats = self.reader.stats
+        here = stats.bytes_read
+        while self._result is None:
             try:
-                message = receive.recv_bytes()
+                message = self._receive.recv_bytes()
             except EOFError:
-                raise RuntimeError(f"the extract worker ended without an answer (exit code {worker.exitcode})") \
-                    from None
-            tag, body = message[:1], message[1:]
-            if tag == b"C":
-                bytes_read, rows, snapshot, raws = marshal.loads(body)
-                yield Chunk(bytes_read, rows, snapshot, raws)
-            elif tag == b"S":
-                stats: ReadStats
-                stats, present = pickle.loads(body)
-                if known is not None:
-                    known.present = present
-                reader.stats.rows = stats.rows
-                reader.stats.malformed_count = stats.malformed_count
-                reader.stats.malformed = stats.malformed
-                reader.stats.bytes_read = stats.bytes_read
-                return
-            else:
-                raise pickle.loads(body)  # the worker's own exception (a damaged ZIP, ...)
-    finally:
-        receive.close()
-        worker.join(timeout=5)
-        if worker.is_alive():
-            worker.terminate()
-            worker.join()
+                self._worker.join()
+                raise RuntimeError(f"the extract worker ended without an answer (exit code "
+                                   f"{self._worker.exitcode})") from None
+            self._result = self._take(message)
+            if progress is not None:
+                progress(here + self._worker_bytes)
+        theirs, present = self._result
+        offset = self.reader.line_no
+        stats.rows += theirs.rows
+        stats.malformed_count += theirs.malformed_count
+        room = MAX_REPORTED_MALFORMED - len(stats.malformed)
+        stats.malformed += [MalformedRow(m.line + offset, m.reason) for m in theirs.malformed[:max(room, 0)]]
+        stats.bytes_read = here + (theirs.bytes_read - (self.split or 0))
+        if self.known is not None and present is not None:
+            self.known.present = bytearray(map(max, self.known.present, present))
+        self.close()
+        return offset
+
+    def _take(self, message: bytes) -> tuple[ReadStats, bytearray | None] | None:
+        tag, body = message[:1], message[1:]
+        if tag == b"P":
+            self._worker_bytes = int.from_bytes(body, "big")
+            return None
+        if tag == b"S":
+            done: tuple[ReadStats, bytearray | None] = pickle.loads(body)
+            return done
+        raise pickle.loads(body)  # the worker's own exception (a damaged ZIP, ...)
+
+    def close(self) -> None:
+        if self._receive is not None:
+            self._receive.close()
+        if self._worker is not None:
+            self._worker.join(timeout=5)
+            if self._worker.is_alive():
+                self._worker.terminate()
+                self._worker.join()
+            self._worker = None
 
 
-def _work(source: ExtractSource, mode: str, known: KnownLines | None, pipe: Pipe) -> None:
-    """The worker process: read and parse the whole extract, send the chunks, then the counts."""
+def _work(source: ExtractSource, mode: str, known: KnownLines | None, side: Path, split: int, pipe: Pipe) -> None:
+    """The worker process: read the extract from `split` on into the scratch file, then send the counts."""
     send: Callable[[bytes], None] = pipe.send_bytes
     try:
-        with gc_paused(), ExtractReader(source) as reader:
+        # Without locks (vfs unix-none): this process inherited, by the fork, SQLite's record of the locks the
+        # importing process holds on this very file (attached there), and would wait for them; the importing
+        # process reads the file only once told that it is complete.
+        uri = f"file:{urllib.parse.quote(str(side))}?vfs=unix-none"
+        with gc_paused(), ExtractReader(source) as reader, contextlib.closing(
+                sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
             entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
+            # A scratch file: nothing to recover after a crash, so no journal and no fsync.
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("BEGIN")
+            inserts = []
+            for name, columns in side_tables(entities, mode):
+                db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
+                inserts.append(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})")
+            reader.skip_to(split)
             for chunk in LineExtractor(reader, entities).chunks(mode, known):
-                send(b"C" + marshal.dumps((chunk.bytes_read, chunk.rows, chunk.snapshot, chunk.raws)))
+                for sql, rows in zip(inserts, chunk.rows):
+                    if rows:
+                        db.executemany(sql, rows)
+                if chunk.raws:
+                    db.executemany(inserts[-1], chunk.raws)
+                send(b"P" + (reader.stats.bytes_read - split).to_bytes(8, "big"))
+            db.execute("COMMIT")
             send(b"S" + pickle.dumps((reader.stats, None if known is None else known.present)))
     except BrokenPipeError:
         pass  # the importing process gave up (its own error): nothing to tell it

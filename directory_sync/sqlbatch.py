@@ -14,9 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, Table, func, select
 
 from directory_sync.mapping import BoundEntity
-from directory_sync.models import extract_line
 
-BATCH = 5000
+BATCH = 2000
 CHUNK = 20_000
 
 
@@ -91,8 +90,8 @@ def count_rows(conn: Connection, table: Table) -> int:
     return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def load_hashes(conn: Connection, kind: str) -> array[int]:
-    """The sorted line hashes of the last applied file: 8 bytes each (20 MB for 2.5 M lines).
+def load_hashes(conn: Connection, table: str) -> array[int]:
+    """The sorted line hashes kept on the rows of a line entity's table: 8 bytes each (16 MB for 2 M lines).
 
     Read on the DB-API cursor in chunks (server-side on PostgreSQL): no result-row objects for
     millions of integers, and never all of them in memory at once.
@@ -101,8 +100,7 @@ def load_hashes(conn: Connection, kind: str) -> array[int]:
     driver: Any = conn.connection.driver_connection
     cursor = driver.cursor(name="dir_line_hashes") if conn.dialect.name == "postgresql" else driver.cursor()
     try:
-        cursor.execute(f"SELECT line_hash FROM {extract_line.name} WHERE kind = {marks(conn, 1)} ORDER BY line_hash",
-                       (kind,))
+        cursor.execute(f"SELECT line_hash FROM {table} WHERE line_hash IS NOT NULL ORDER BY line_hash")
         first = itemgetter(0)
         while rows := cursor.fetchmany(CHUNK):
             hashes.extend(map(first, rows))
@@ -117,13 +115,22 @@ def marks(conn: Connection, n: int) -> str:
 
 
 def insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
+    """The insert of `entity.extract`'s parameters; an empty field is stored as NULL."""
     cols = entity.spec.columns
     key = entity.spec.key_column
-    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({marks(conn, len(cols))}) "
+    mark = marks(conn, 1)
+    values = [mark if i == 0 or i > len(entity.spec.fields) else f"NULLIF({mark}, '')" for i in range(len(cols))]
+    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({', '.join(values)}) "
     if not update:
         return sql + f"ON CONFLICT ({key}) DO NOTHING"
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key)
     return sql + f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
+
+
+def select_fields(entity: BoundEntity, source: str) -> str:
+    """The columns of `entity` selected from a table of the same columns that holds '' for an empty field."""
+    fields = {c for c, _ in entity.spec.fields}
+    return ", ".join(f"NULLIF({source}.{c}, '')" if c in fields else f"{source}.{c}" for c in entity.spec.columns)
 
 
 def changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:

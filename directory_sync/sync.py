@@ -2,39 +2,46 @@
 
 Why this shape:
 - A reader must never see a half-synced directory, so each file is applied in one
-  transaction (SQLite in WAL mode keeps serving the previous snapshot meanwhile).
+  transaction, DDL included (SQLite in WAL mode keeps serving the previous snapshot meanwhile).
 - Memory stays bounded whatever the file size: rows stream through in batches and the
   database computes the differences.
-- Parsing costs about as much as writing: for a large file the lines are hashed and parsed in
-  a worker process (pipeline.py) while this process only executes the SQL, in all three
-  strategies. That pays only while the second core is free: the rows cost about 10 % more
-  CPU in all (marshalled through a pipe).
+- Parsing costs about as much as writing, and there is a second core: a large file is split
+  with a worker process (pipeline.py), which writes its part into a scratch SQLite file that
+  is copied here, in SQL, after this process's own rows (so the first line still wins a
+  repeated key), in all three strategies.
 - Into empty tables there is nothing to compare: one pass inserts, and the secondary
-  indexes are built once at the end (the snapshot's too, unless another extract's lines are
-  already in it: then this extract's lines are staged and inserted in index order). A key
-  already inserted in this run (a structure shared by many lines) is not extracted again.
-- The daily file differs from yesterday's in a few lines, so a re-import works by line: the
-  hash of every applied line is kept (`dir_extract_line`, with the keys the line fed); a
-  re-import hashes each raw line, parses only the lines whose hash is new (staging their
-  bytes, so applying them needs no second read of the file), and derives the deletions from
-  the lines that disappeared (a key goes only when no remaining line feeds it). Importing the
-  same file again therefore writes nothing and says so.
-- Without that snapshot (first sync after an upgrade, after a FHIR increment touched the
-  tables, or `full_compare`), every line's keys and content hashes are compared in SQL.
+  indexes are built once at the end. A key already inserted in this run (a structure shared
+  by many lines) is not extracted again.
+- The daily file differs from yesterday's in a few lines, so a re-import works by line: each
+  line's hash is kept on the row it fed (the line entity's: an activity names the
+  practitioner and the structure its line fed); a re-import hashes each raw line, parses only
+  the lines whose hash is new (staging their bytes, so applying them needs no second read of
+  the file), and derives the deletions from the lines that disappeared (a key goes only when
+  no new line has it and no row left names it). Importing the same file again therefore
+  writes nothing and says so. A line entity's content hash is its line's hash: a line that
+  changes in any way (even only its spelling: a reordered column, a line end) is written
+  again and counted as updated.
+- Without line hashes on every row (first sync after an upgrade, after FHIR wrote mailboxes,
+  or `full_compare`), every line's keys and content hashes are compared in SQL.
 - A truncated download must not wipe the directory: the deletion brake refuses a run that
   would delete more than `max_delete_share` (default 10 %) of a table unless forced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, insert
 
 from directory_sync.errors import DeletionBrake
 from directory_sync.extracts import (
@@ -48,9 +55,18 @@ from directory_sync.extracts import (
     sources,
 )
 from directory_sync.mapping import SPECS, BoundEntity
-from directory_sync.models import SyncRun, extract_line
-from directory_sync.pipeline import Chunk, KnownLines, LineExtractor, extracted_chunks, gc_paused
+from directory_sync.models import SyncRun
+from directory_sync.pipeline import (
+    Extraction,
+    KnownLines,
+    gc_paused,
+    line_hash,
+    side_tables,
+    split_point,
+    wants_worker,
+)
 from directory_sync.sqlbatch import (
+    CHUNK,
     Batches,
     CopyBatches,
     changed_lines,
@@ -58,6 +74,7 @@ from directory_sync.sqlbatch import (
     insert_sql,
     load_hashes,
     marks,
+    select_fields,
     staged_raw_lines,
 )
 
@@ -147,19 +164,18 @@ def sync_source(
     """
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    with ExtractReader(source) as reader:
+    with ExtractReader(source) as reader, _scratch_file(wants_worker(reader, parallel)) as side:
         report = SyncReport(source=source.name, kind=reader.kind, forced=force)
         entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-        run = _Run(reader, source, entities, report, progress, max_delete_share, force, parallel)
+        run = _Run(reader, source, entities, report, progress, max_delete_share, force, side)
         try:
-            with gc_paused(), engine.begin() as conn:
+            with gc_paused(), _transaction(engine, side) as conn:
                 before = [count_rows(conn, e.table) for e in entities]
                 report.tables = [TableChange(e.spec.name, n) for e, n in zip(entities, before, strict=True)]
-                snapshot = _snapshot_size(conn, reader.kind)
                 if all(n == 0 for n in before):
                     report.method = "load"
                     run.bulk_load(conn)
-                elif snapshot and not full_compare:
+                elif not full_compare and _has_line_hashes(conn, entities[-1]):
                     report.method = "lines"
                     run.line_diff(conn)
                 else:
@@ -185,12 +201,51 @@ def sync_source(
     return report
 
 
+@contextlib.contextmanager
+def _scratch_file(wanted: bool) -> Iterator[Path | None]:
+    """An empty scratch file for the worker (pipeline.py) when the extract is split, removed afterwards. It
+    holds public directory data only, but is private (mkstemp) like every file the gateway writes."""
+    if not wanted:
+        yield None
+        return
+    fd, name = tempfile.mkstemp(prefix="mssgw-directory-", suffix=".db")
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _transaction(engine: Engine, side: Path | None) -> Iterator[Connection]:
+    """One transaction for the whole sync, DDL included.
+
+    On SQLite it is begun explicitly (the sqlite3 module would only begin it at the first INSERT, leaving
+    the index drops of a load outside it), and the worker's scratch file is attached before: SQLite
+    attaches nothing inside a transaction."""
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        driver: Any = conn.connection.driver_connection  # outside SQLAlchemy's transaction
+        attached = sqlite and side is not None
+        if attached:
+            assert side is not None
+            driver.execute("ATTACH DATABASE ? AS dir_side", (str(side),))
+        try:
+            with conn.begin():
+                if sqlite:  # deferred: IMMEDIATE would lock the worker's scratch file too
+                    conn.exec_driver_sql("BEGIN")
+                yield conn
+        finally:
+            if attached:
+                driver.execute("DETACH DATABASE dir_side")
+
+
 class _Run:
     """One sync of one extract: the three strategies share the row handling below."""
 
     def __init__(
         self, reader: ExtractReader, source: ExtractSource, entities: list[BoundEntity], report: SyncReport,
-        progress: Progress | None, max_delete_share: float, force: bool, parallel: bool | None,
+        progress: Progress | None, max_delete_share: float, force: bool, side: Path | None,
     ) -> None:
         self.reader = reader
         self.source = source
@@ -199,9 +254,7 @@ class _Run:
         self.progress = progress
         self.max_delete_share = max_delete_share
         self.force = force
-        self.kind = reader.kind.value
-        self.parallel = parallel
-        self.extractor = LineExtractor(reader, entities)
+        self.side = side
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -214,23 +267,63 @@ class _Run:
         if self.progress is not None:
             self.progress(phase, self.source.size, self.source.size)
 
-    def _chunks(self, phase: str, mode: str, known: KnownLines | None = None) -> Iterator[Chunk]:
-        """The extract's lines, chunk by chunk (see pipeline.py), with progress."""
+    def _extract(self, conn: Connection, phase: str, mode: str, sinks: list[Batches], raws: Batches | None = None,
+                 known: KnownLines | None = None) -> None:
+        """Every line's rows, per entity, into `sinks` (and in mode "lines" the new lines into `raws`): this
+        process's part of the file first, then the worker's, copied from its scratch file, so that the first
+        line of the file wins a repeated key."""
         total = self.source.size
         progress = self.progress
-        for chunk in extracted_chunks(self.reader, self.entities, mode, parallel=self.parallel, known=known):
-            if progress is not None:
-                progress(phase, chunk.bytes_read, total)
-            yield chunk
+        side = self.side
+        extraction = Extraction(self.reader, self.entities, mode, known=known, side=side,
+                                split=None if side is None else split_point(self.reader, mode))
+        try:
+            for chunk in extraction.chunks():
+                for batch, rows in zip(sinks, chunk.rows, strict=True):
+                    batch.add_many(rows)
+                if raws is not None:
+                    raws.add_many(chunk.raws)
+                if progress is not None:
+                    progress(phase, chunk.bytes_read, total)
+            for batch in (*sinks, *([] if raws is None else [raws])):
+                batch.flush()
+            offset = extraction.finish(None if progress is None else (lambda done: progress(phase, done, total)))
+        finally:
+            extraction.close()
+        if side is not None:
+            self._copy_side(conn, side, mode, sinks, raws, offset)
+        self._done(phase)
 
-    def _snapshot_writer(self, conn: Connection) -> Batches:
-        """Rows (line_hash, key0, key1, key2) of this extract's snapshot; the kind is added here."""
-        cols = ("kind", "line_hash", "key0", "key1", "key2")
-        if conn.dialect.name == "postgresql":
-            return CopyBatches(conn, extract_line.name, cols, prefix=(self.kind,))
-        # The kind is one of ExtractKind's values, written into the statement rather than bound per row.
-        return Batches(conn, f"INSERT INTO {extract_line.name} ({', '.join(cols)}) "
-                             f"VALUES ('{ExtractKind(self.kind).value}', {marks(conn, 4)})")
+    def _copy_side(self, conn: Connection, path: Path, mode: str, sinks: list[Batches], raws: Batches | None,
+                   offset: int) -> None:
+        """The worker's rows after this process's: in SQL from the attached file on SQLite (no row through
+        Python), read back into the same batches on PostgreSQL. Its line numbers start after ours."""
+        tables = side_tables(self.entities, mode)
+        if conn.dialect.name == "sqlite":
+            for i, e in enumerate(self.entities):
+                name = tables[i][0]
+                if mode == "load":
+                    sql = (f"INSERT INTO {e.table.name} ({', '.join(e.spec.columns)}) "
+                           f"SELECT {select_fields(e, 's')} FROM dir_side.{name} s "
+                           f"WHERE true ON CONFLICT ({e.spec.key_column}) DO NOTHING")
+                else:
+                    sql = (f"INSERT INTO dir_stage_{i} (k, h, line) SELECT k, h, line + {offset} "
+                           f"FROM dir_side.{name} WHERE true ON CONFLICT (k) DO NOTHING")
+                conn.exec_driver_sql(sql)
+            if raws is not None:
+                conn.exec_driver_sql(f"INSERT INTO dir_stage_raw (line, raw) SELECT line + {offset}, raw "
+                                     f"FROM dir_side.raws")
+            return
+        targets = [*sinks, *([] if raws is None else [raws])]
+        with contextlib.closing(sqlite3.connect(path)) as side:
+            for (name, columns), batch in zip(tables, targets, strict=False):
+                cursor = side.execute(f"SELECT {', '.join(columns)} FROM {name} ORDER BY rowid")
+                while rows := cursor.fetchmany(CHUNK):
+                    if mode != "load":  # the line number: third of a staged row, first of a raw line
+                        at = 0 if batch is raws else 2
+                        rows = [(*r[:at], r[at] + offset, *r[at + 1:]) for r in rows]
+                    batch.add_many(rows)
+                batch.flush()
 
     def _check_brake(self) -> None:
         for change, e in zip(self.report.tables, self.entities, strict=True):
@@ -241,7 +334,6 @@ class _Run:
 
     def bulk_load(self, conn: Connection) -> None:
         """Insert as we read; secondary indexes are dropped and built once at the end."""
-        conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
         pg = conn.dialect.name == "postgresql"
         inserts: list[Batches] = []
         for i, e in enumerate(self.entities):
@@ -251,132 +343,84 @@ class _Run:
                 inserts.append(CopyBatches(conn, f"dir_load_{i}", e.spec.columns, numbered=True))
             else:
                 inserts.append(Batches(conn, insert_sql(conn, e, update=False)))
-        # The snapshot of another extract may already fill dir_extract_line: rather than build its
-        # index again over every kind, this kind's lines are staged and inserted in index order.
-        staged = not pg and conn.exec_driver_sql(
-            f"SELECT 1 FROM {extract_line.name} WHERE kind <> {marks(conn, 1)} LIMIT 1", (self.kind,)).first()
-        if staged:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS dir_load_lines")
-            conn.exec_driver_sql("CREATE TEMPORARY TABLE dir_load_lines (line_hash BIGINT NOT NULL, key0 VARCHAR(320), "
-                                 "key1 VARCHAR(320), key2 VARCHAR(320))")
-            snapshot = Batches(conn, f"INSERT INTO dir_load_lines VALUES ({marks(conn, 4)})")
-        else:
-            snapshot = self._snapshot_writer(conn)
-        dropped = [*([] if staged else extract_line.indexes), *(idx for e in self.entities for idx in e.table.indexes)]
+        dropped = [idx for e in self.entities for idx in e.table.indexes]
         for idx in dropped:
             idx.drop(conn)
-        for chunk in self._chunks("load", "load"):
-            for batch, rows in zip(inserts, chunk.rows, strict=True):
-                batch.add_many(rows)
-            snapshot.add_many(chunk.snapshot)
-        for batch in (*inserts, snapshot):
-            batch.flush()
-        if staged:
-            conn.exec_driver_sql(f"INSERT INTO {extract_line.name} (kind, line_hash, key0, key1, key2) "
-                                 f"SELECT '{ExtractKind(self.kind).value}', line_hash, key0, key1, key2 "
-                                 f"FROM dir_load_lines ORDER BY line_hash")
-            conn.exec_driver_sql("DROP TABLE dir_load_lines")
+        self._extract(conn, "load", "load", inserts)
         if pg:
             for i, e in enumerate(self.entities):
-                cols = ", ".join(e.spec.columns)
-                conn.exec_driver_sql(f"INSERT INTO {e.table.name} ({cols}) SELECT {cols} FROM dir_load_{i} "
+                conn.exec_driver_sql(f"INSERT INTO {e.table.name} ({', '.join(e.spec.columns)}) "
+                                     f"SELECT {select_fields(e, 'l')} FROM dir_load_{i} l "
                                      f"ORDER BY _seq ON CONFLICT ({e.spec.key_column}) DO NOTHING")
         for idx in dropped:
             idx.create(conn)
-        self._done("load")
         for change, e in zip(self.report.tables, self.entities, strict=True):
             change.inserted = count_rows(conn, e.table)
 
-    # -- by line, against the snapshot of the last applied file --------------------------------------
+    # -- by line, against the line hashes of the last applied file --------------------------------------
 
     def line_diff(self, conn: Connection) -> None:
-        known = KnownLines(load_hashes(conn, self.kind))
+        line = self.entities[-1]
+        table, key = line.table.name, line.spec.key_column
+        known = KnownLines(load_hashes(conn, table))
         stage = self._create_stage(conn)
-        snapshot = self._snapshot_writer(conn)
         # The new lines themselves (a few in a daily file): the second pass reads them from here
         # instead of reading the whole file again.
         blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
-        conn.exec_driver_sql("DROP TABLE IF EXISTS dir_stage_raw")
+        _drop_temporary(conn, "dir_stage_raw")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_raw (line INTEGER PRIMARY KEY, raw {blob} NOT NULL)"
                              f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
-        for chunk in self._chunks("compare", "lines", known):
-            for batch, new_rows in zip(stage, chunk.rows, strict=True):
-                batch.add_many(new_rows)
-            snapshot.add_many(chunk.snapshot)
-            raws.add_many(chunk.raws)
+        self._extract(conn, "compare", "lines", stage, raws, known)
         prev, present = known.hashes, known.present
         del known
-        for batch in (*stage, raws):
-            batch.flush()
-        self._done("compare")
 
-        # Lines that disappeared: the keys they fed are candidates for deletion.
-        removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)})")
+        # The rows whose line disappeared, and the keys they name: candidates for deletion.
+        removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)}) "
+                                f"ON CONFLICT (h) DO NOTHING")
         for h, seen_now in zip(prev, present):
             if not seen_now:
                 removed.add((h,))
         removed.flush()
         del prev, present
-        kind_param = (self.kind,)
-        candidates: list[set[str]] = []
-        for i in range(len(self.entities)):
-            rows = conn.exec_driver_sql(
-                f"SELECT DISTINCT l.key{i} FROM {extract_line.name} l JOIN dir_stage_removed r "
-                f"ON r.h = l.line_hash WHERE l.kind = {marks(conn, 1)} AND l.key{i} IS NOT NULL", kind_param).all()
-            candidates.append({r[0] for r in rows})
-        conn.exec_driver_sql(
-            f"DELETE FROM {extract_line.name} WHERE kind = {marks(conn, 1)} "
-            f"AND line_hash IN (SELECT h FROM dir_stage_removed)", kind_param)
-        snapshot.flush()
+        refs = [e.spec.key_column for e in self.entities[:-1]]  # columns of the line entity's table
+        cols = ", ".join(f"t.{c}" for c in (*refs, key))
+        fed = conn.exec_driver_sql(f"SELECT {cols} FROM dir_stage_removed r JOIN {table} t ON t.line_hash = r.h").all()
 
-        # A candidate goes only if no line of the new file still feeds it: not a new line (staged),
-        # not an unchanged one (one sequential scan of the snapshot, only when some remain).
-        gone: list[set[str]] = []
-        if conn.dialect.name == "sqlite":  # force the snapshot as the outer, sequentially read table
-            scan = ("SELECT DISTINCT c.k FROM {lines} l CROSS JOIN dir_stage_cand c "
-                    "WHERE c.k = l.key{i} AND +l.kind = {mark}")
-        else:
-            scan = "SELECT DISTINCT c.k FROM {lines} l JOIN dir_stage_cand c ON c.k = l.key{i} WHERE l.kind = {mark}"
-        for i, cand in enumerate(candidates):
-            if not cand:
-                gone.append(set())
+        # A row of the line entity goes unless a new line has its key (a changed mailbox); it goes first,
+        # so that what is left names the keys the unchanged lines still feed. A key of another entity goes
+        # only if no new line has it and no row left names it. Everything stays in this transaction: a
+        # refused run (the brake) rolls back.
+        gone: list[int] = []
+        last = len(self.entities) - 1
+        for i in (last, *range(last)):
+            candidates = {row[i] for row in fed if row[i] is not None}
+            if not candidates:
+                gone.append(0)
                 continue
             conn.exec_driver_sql("DELETE FROM dir_stage_cand")
             batch = Batches(conn, f"INSERT INTO dir_stage_cand (k) VALUES ({marks(conn, 1)})")
-            for k in cand:
+            for k in candidates:
                 batch.add((k,))
             batch.flush()
             conn.exec_driver_sql(f"DELETE FROM dir_stage_cand WHERE k IN (SELECT k FROM dir_stage_{i})")
-            left = {r[0] for r in conn.exec_driver_sql("SELECT k FROM dir_stage_cand").all()}
-            if left:
-                sql = scan.format(lines=extract_line.name, i=i, mark=marks(conn, 1))
-                left -= {r[0] for r in conn.exec_driver_sql(sql, kind_param).all()}
-            gone.append(left)
-        for change, g in zip(self.report.tables, gone, strict=True):
-            change.deleted = len(g)
+            if i != last:
+                conn.exec_driver_sql(f"DELETE FROM dir_stage_cand WHERE EXISTS "
+                                     f"(SELECT 1 FROM {table} t WHERE t.{refs[i]} = dir_stage_cand.k)")
+            e = self.entities[i]
+            result = conn.exec_driver_sql(f"DELETE FROM {e.table.name} WHERE {e.spec.key_column} IN "
+                                          f"(SELECT k FROM dir_stage_cand)")
+            gone.append(result.rowcount)
+        for change, n in zip(self.report.tables, [*gone[1:], gone[0]], strict=True):
+            change.deleted = n
         self._check_brake()
-        for e, g in zip(self.entities, gone, strict=True):
-            if g:
-                delete = Batches(conn, f"DELETE FROM {e.table.name} WHERE {e.spec.key_column} = {marks(conn, 1)}")
-                for k in g:
-                    delete.add((k,))
-                delete.flush()
         self._apply_staged(conn, staged_raw_lines(conn))
 
-    # -- every key compared in SQL (no usable snapshot) ----------------------------------------------
+    # -- every key compared in SQL (no usable line hashes) ---------------------------------------------
 
     def full_diff(self, conn: Connection) -> None:
-        conn.execute(extract_line.delete().where(extract_line.c.kind == self.kind))
         stage = self._create_stage(conn)
-        snapshot = self._snapshot_writer(conn)
-        for chunk in self._chunks("compare", "stage"):
-            for batch, rows in zip(stage, chunk.rows, strict=True):
-                batch.add_many(rows)
-            snapshot.add_many(chunk.snapshot)
-        for batch in (*stage, snapshot):
-            batch.flush()
-        self._done("compare")
+        self._extract(conn, "compare", "stage", stage)
         for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
             table, key = e.table.name, e.spec.key_column
             gone = f"NOT EXISTS (SELECT 1 FROM dir_stage_{i} s WHERE s.k = {table}.{key})"
@@ -396,33 +440,45 @@ class _Run:
         suffix = " ON COMMIT DROP" if pg else ""
         names = [f"dir_stage_{i}" for i in range(len(self.entities))]
         for name in [*names, "dir_stage_changed", "dir_stage_removed", "dir_stage_cand"]:
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+            _drop_temporary(conn, name)
         for name in names:
             conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} (k VARCHAR(320) PRIMARY KEY, h BIGINT NOT NULL, "
                                  f"line INTEGER NOT NULL){suffix}")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_changed (line INTEGER NOT NULL, ent INTEGER NOT NULL, "
                              f"is_new INTEGER NOT NULL){suffix}")
-        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_removed (h BIGINT NOT NULL){suffix}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_removed (h BIGINT PRIMARY KEY){suffix}")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_cand (k VARCHAR(320) PRIMARY KEY){suffix}")
-        return [Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({marks(conn, 3)}) ON CONFLICT (k) DO NOTHING")
-                for n in names]
+        return [Batches(conn, f"INSERT INTO {n} (k, h, line) VALUES ({marks(conn, 3)}) "
+                              f"ON CONFLICT (k) DO NOTHING") for n in names]
 
     def _apply_staged(self, conn: Connection, lines: Iterator[tuple[int, bytes]] | None = None) -> None:
         """Find the staged keys that are new or whose content changed; upsert them from their lines, read
-        from `lines` (ascending line numbers, at least every staged line) or else from the file again."""
+        from `lines` (ascending line numbers, at least every staged line: by line) or else from the file
+        again. The line entity's content hash is its line's: a row whose line changed in any way is
+        written again, and so keeps the hash of its line.
+
+        By line, a new line whose key has a row fed by a line still in the file repeats that key (two lines
+        for one address): the first line keeps it, as in a full import."""
+        last = len(self.entities) - 1
         for i, (e, change) in enumerate(zip(self.entities, self.report.tables, strict=True)):
             table, key = e.table.name, e.spec.key_column
+            changed = "t.row_hash <> s.h"
+            if i == last:  # and a row without its line (from FHIR, or from before line hashes) is written again
+                repeated = " AND t.line_hash IN (SELECT h FROM dir_stage_removed)" if lines is not None else ""
+                changed = f"(t.row_hash <> s.h{repeated}) OR t.line_hash IS NULL"
             conn.exec_driver_sql(
                 f"INSERT INTO dir_stage_changed (line, ent, is_new) "
                 f"SELECT s.line, {i}, CASE WHEN t.{key} IS NULL THEN 1 ELSE 0 END "
                 f"FROM dir_stage_{i} s LEFT JOIN {table} t ON t.{key} = s.k "
-                f"WHERE t.{key} IS NULL OR t.row_hash <> s.h")
+                f"WHERE t.{key} IS NULL OR {changed}")
             counts: dict[int, int] = dict(conn.exec_driver_sql(
                 f"SELECT is_new, count(*) FROM dir_stage_changed WHERE ent = {i} GROUP BY is_new").all())
             change.inserted = int(counts.get(1, 0))
             change.updated = int(counts.get(0, 0))
-        if not any(c.inserted or c.updated for c in self.report.tables):
-            return
+        if any(c.inserted or c.updated for c in self.report.tables):
+            self._upsert_changed(conn, lines)
+
+    def _upsert_changed(self, conn: Connection, lines: Iterator[tuple[int, bytes]] | None) -> None:
         conn.exec_driver_sql("CREATE INDEX dir_stage_changed_line ON dir_stage_changed (line)")
         upserts = [Batches(conn, insert_sql(conn, e, update=True)) for e in self.entities]
         wanted = changed_lines(conn)
@@ -438,8 +494,9 @@ class _Run:
                 fields = again.parse(line_no, raw)
                 if fields is None:
                     continue
+                h = line_hash(raw)
                 for ent in pending[1]:
-                    item = self.entities[ent].extract(fields)
+                    item = self.entities[ent].extract(fields, h)
                     if item is not None:
                         upserts[ent].add(item[2])
             for batch in upserts:
@@ -453,9 +510,21 @@ def _collect(report: SyncReport, stats: ReadStats) -> None:
     report.malformed = list(stats.malformed)
 
 
-def _snapshot_size(conn: Connection, kind: ExtractKind) -> int:
-    query = select(func.count()).select_from(extract_line).where(extract_line.c.kind == kind.value)
-    return int(conn.execute(query).scalar_one())
+def _drop_temporary(conn: Connection, name: str) -> None:
+    """Drop a temporary table left on this pooled connection by a failed run (SQLite keeps them until the
+    connection closes). Named in the temporary schema: on SQLite, a DROP IF EXISTS of an unqualified name
+    that exists nowhere opens a read transaction on every attached database, the worker's scratch file
+    included, which would then not show what the worker writes into it."""
+    schema = "temp" if conn.dialect.name == "sqlite" else "pg_temp"
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {schema}.{name}")
+
+
+def _has_line_hashes(conn: Connection, entity: BoundEntity) -> bool:
+    """Whether every row of the line entity knows its line (not so after an upgrade, or after FHIR
+    wrote mailboxes of its own): only then can a re-import go by line. Both answered by the index."""
+    table = entity.table.name
+    return bool(conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {table}) "
+                                     f"AND NOT EXISTS (SELECT 1 FROM {table} WHERE line_hash IS NULL)").scalar_one())
 
 
 def _record(conn: Connection, report: SyncReport, started: dt.datetime, status: str, message: str | None) -> int:

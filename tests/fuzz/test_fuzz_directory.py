@@ -47,7 +47,7 @@ def _read_all(path: object) -> None:
             for _, row in reader.rows():
                 for entity in entities:
                     try:
-                        entity.extract(row)
+                        entity.extract(row, 0)
                     except DirectoryError:
                         pass
 

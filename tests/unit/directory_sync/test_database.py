@@ -14,7 +14,7 @@ def test_migrations_create_every_model_table_and_their_own_version_table(engine:
     assert VERSION_TABLE in names
     assert "alembic_version" not in names  # the gateway's own history stays free
     with engine.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0003"
 
 
 def test_migrate_is_idempotent(engine: Engine) -> None:
@@ -44,3 +44,24 @@ def test_sqlite_models_match_the_migration(engine: Engine) -> None:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         diff = [d for d in compare_metadata(ctx, Base.metadata)]
     assert diff == []
+
+
+def test_the_line_snapshot_moves_onto_the_rows_and_back(tmp_path: Path) -> None:
+    """0003 drops dir_extract_line and gives the line entities a line_hash (NULL for the rows already
+    there: the next import compares every key); a downgrade gives back an empty snapshot."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    migrate(eng, "0002")
+    with eng.begin() as conn:
+        conn.execute(text("INSERT INTO dir_mailbox (address_key, address, mailbox_type, liste_rouge, source, row_hash) "
+                          "VALUES ('a@b.fr', 'a@b.fr', 'PER', 0, 'extract', 1)"))
+        conn.execute(text("INSERT INTO dir_extract_line (kind, line_hash, key0) "
+                          "VALUES ('Extraction_Correspondance_MSSante', 7, 'a@b.fr')"))
+    migrate(eng)
+    assert "dir_extract_line" not in inspect(eng).get_table_names()
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT address_key, line_hash FROM dir_mailbox")).all() == [("a@b.fr", None)]
+    downgrade(eng, "0002")
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dir_extract_line")).scalar_one() == 0
+        assert conn.execute(text("SELECT address_key FROM dir_mailbox")).all() == [("a@b.fr",)]
+    eng.dispose()

@@ -5,13 +5,15 @@ These tests force the worker on small files (`parallel=True`); the other sync te
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
+from directory_sync import pipeline
 from directory_sync.errors import ArchiveRefused
-from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun, extract_line
+from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun
 from directory_sync.pipeline import CHUNK_LINES
 from directory_sync.sync import import_paths
 from directory_sync.synthetic import mssante_lines, personne_activite_lines, write_extract
@@ -26,8 +28,6 @@ def _dump(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
             table = model.__table__  # type: ignore[attr-defined]
             out[model.__name__] = [tuple(r) for r in conn.execute(
                 select(table).order_by(*table.primary_key.columns)).all()]
-        out["lines"] = [tuple(r) for r in conn.execute(
-            select(extract_line).order_by(extract_line.c.kind, extract_line.c.line_hash, extract_line.c.key2)).all()]
     return out
 
 
@@ -35,15 +35,16 @@ def _wipe(engine: Engine) -> None:
     with engine.begin() as conn:
         for model in MODELS:
             conn.execute(model.__table__.delete())  # type: ignore[attr-defined]
-        conn.execute(extract_line.delete())
 
 
 def _damaged(lines: list[str]) -> list[str]:
-    """Three malformed lines (lines[0] is the header), the last one past the first chunk."""
+    """Four malformed lines (lines[0] is the header): one past the first chunk, and one near the end, in
+    the worker's part, whose line numbers it counts from its own first line."""
     lines = list(lines)
     lines[10] = lines[10][:40] + "\n"  # cut short
     lines[200] = lines[200].rstrip("\n") + "|extra|\n"
     lines[CHUNK_LINES + 7] = "\n".join([lines[CHUNK_LINES + 7].rstrip("\n"), "only|three|fields"]) + "\n"
+    lines[-5] = lines[-5][:50] + "\n"
     return lines
 
 
@@ -58,11 +59,12 @@ def test_the_worker_loads_what_the_inline_parse_loads(engine: Engine, tmp_path: 
     assert _dump(engine) == expected
     assert (worker.rows_read, worker.malformed_count, worker.malformed) == \
            (inline.rows_read, inline.malformed_count, inline.malformed)
-    assert worker.malformed_count >= 3
-    assert [m.line for m in worker.malformed][-1] == CHUNK_LINES + 9 # the line added past the first chunk
+    assert worker.malformed_count >= 4
+    assert CHUNK_LINES + 9 in [m.line for m in worker.malformed]  # the line added past the first chunk
+    assert worker.malformed[-1].line == CHUNK_LINES + 1500 - 2  # in the worker's part, numbered in the file
     assert [(t.table, t.inserted) for t in worker.tables] == [(t.table, t.inserted) for t in inline.tables]
     assert progress[-1][1] == progress[-1][2] == path.stat().st_size
-    # The worker's snapshot serves the next re-import by line: the same file again changes nothing.
+    # The line hashes the worker sent serve the next re-import by line: the same file again changes nothing.
     (again,) = import_paths(engine, [path], parallel=True)
     assert again.method == "lines" and not again.changed
 
@@ -103,6 +105,7 @@ def test_a_reimport_by_line_in_the_worker_does_what_the_inline_one_does(  # type
     old = write_extract(tmp_path / "old.txt", make(CHUNK_LINES + 800))
     new_lines = list(make(CHUNK_LINES + 800, changed_share=0.03, removed_share=0.01))
     new_lines[CHUNK_LINES + 50] = new_lines[CHUNK_LINES + 50][:30] + "\n"  # a new line, and malformed
+    new_lines[-3] = new_lines[-3][:30] + "\n"  # another, in the worker's part
     new = write_extract(tmp_path / "new.txt", new_lines)
     results = []
     for parallel in (False, True):
@@ -113,5 +116,35 @@ def test_a_reimport_by_line_in_the_worker_does_what_the_inline_one_does(  # type
         results.append((_dump(engine), report.rows_read, report.malformed,
                         [(t.table, t.inserted, t.updated, t.deleted) for t in report.tables]))
     assert results[0] == results[1]
-    assert [m.line for m in results[1][2]] == [CHUNK_LINES + 51]
+    assert [m.line for m in results[1][2]] == [CHUNK_LINES + 51, len(new_lines) - 2]
     assert sum(t[3] for t in results[1][3]) > 0  # the removed lines deleted something
+
+
+def test_a_zipped_extract_split_with_the_worker_loads_what_the_plain_file_loads(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker inflates the ZIP member up to its part (a member cannot seek); its scratch file is private
+    while it exists and gone afterwards."""
+    lines = list(personne_activite_lines(3 * CHUNK_LINES))
+    import_paths(engine, [write_extract(tmp_path / "plain.txt", lines)], parallel=False)
+    expected = _dump(engine)
+    _wipe(engine)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    modes: list[int] = []
+    monkeypatch.setattr(pipeline.Extraction, "finish", _watching(pipeline.Extraction.finish, modes))
+    member = "PS_LibreAcces_Personne_activite.txt"
+    (report,) = import_paths(engine, [write_extract(tmp_path / "pa.zip", lines, zipped=True, member=member)],
+                             parallel=True)
+    assert report.method == "load" and report.rows_read == 3 * CHUNK_LINES
+    assert _dump(engine) == expected
+    assert modes == [0o600]
+    assert list(scratch.iterdir()) == []
+
+
+def _watching(finish, modes: list[int]):  # type: ignore[no-untyped-def]
+    def watched(self, progress=None):  # type: ignore[no-untyped-def]
+        modes.append(self.side.stat().st_mode & 0o777)
+        return finish(self, progress)
+    return watched
