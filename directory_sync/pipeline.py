@@ -308,7 +308,7 @@ class Extraction:
         stats.malformed_count += theirs.malformed_count
         room = MAX_REPORTED_MALFORMED - len(stats.malformed)
         stats.malformed += [MalformedRow(m.line + offset, m.reason) for m in theirs.malformed[:max(room, 0)]]
-        stats.bytes_read = here + (theirs.bytes_read - (self.split or 0))
+        stats.bytes_read = here + theirs.bytes_read
         if self.known is not None and present is not None:
             self.known.present = bytearray(map(max, self.known.present, present))
         self.close()
@@ -355,14 +355,16 @@ def _work(source: ExtractSource, mode: str, known: KnownLines | None, side: Path
                 db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
                 inserts.append(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})")
             reader.skip_to(split)
+            base = reader.stats.bytes_read  # the importing process reads up to here
             for chunk in LineExtractor(reader, entities).chunks(mode, known):
                 for sql, rows in zip(inserts, chunk.rows):
                     if rows:
                         db.executemany(sql, rows)
                 if chunk.raws:
                     db.executemany(inserts[-1], chunk.raws)
-                send(b"P" + (reader.stats.bytes_read - split).to_bytes(8, "big"))
+                send(b"P" + (reader.stats.bytes_read - base).to_bytes(8, "big"))
             db.execute("COMMIT")
+            reader.stats.bytes_read -= base
             send(b"S" + pickle.dumps((reader.stats, None if known is None else known.present)))
     except BrokenPipeError:
         pass  # the importing process gave up (its own error): nothing to tell it

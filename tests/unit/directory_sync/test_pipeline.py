@@ -5,6 +5,7 @@ These tests force the worker on small files (`parallel=True`); the other sync te
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def test_the_worker_loads_what_the_inline_parse_loads(engine: Engine, tmp_path: 
     assert worker.malformed[-1].line == CHUNK_LINES + 1500 - 2  # in the worker's part, numbered in the file
     assert [(t.table, t.inserted) for t in worker.tables] == [(t.table, t.inserted) for t in inline.tables]
     assert progress[-1][1] == progress[-1][2] == path.stat().st_size
-    # The line hashes the worker sent serve the next re-import by line: the same file again changes nothing.
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(progress))  # both parts counted once
+    # The line hashes the worker wrote serve the next re-import by line: the same file again changes nothing.
     (again,) = import_paths(engine, [path], parallel=True)
     assert again.method == "lines" and not again.changed
 
