@@ -76,11 +76,7 @@ class CardStatus:
     @property
     def rpps(self) -> str | None:
         """The RPPS number: the certificate's CN minus its leading 8 (idNat_PS, mssante.md §3.4)."""
-        if self.sign_certificate is None:
-            return None
-        cns = self.sign_certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else ""
-        return cn[1:] if cn.startswith("8") and cn[1:].isdigit() else None
+        return _rpps_of(self.sign_certificate) if self.sign_certificate is not None else None
 
     @property
     def holder(self) -> str | None:
@@ -98,6 +94,14 @@ class _Signature:
 
     data: bytes
     result: asyncio.Future[bytes]
+
+
+@functools.lru_cache(maxsize=16)
+def _rpps_of(certificate: x509.Certificate) -> str | None:
+    """Kept per certificate: the gateway asks for the RPPS number of the cards in its readers at every signature."""
+    cns = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else ""
+    return cn[1:] if cn.startswith("8") and cn[1:].isdigit() else None
 
 
 class CardSession:

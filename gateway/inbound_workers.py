@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from config.schema import GatewayConfig
-from directory_sync.lookup import DirectoryLookup
+from directory_sync.lookup import DirectoryLookup, Recipient
 from gateway.db import make_engine
 from gateway.errors import GatewayError
 from gateway.inbound_security import InboundResult, secure_inbound
@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 class OpenFailed(GatewayError):
     """Opening in a worker process failed for a reason of ours (not the sender's): try again later."""
+
+
+class _InlineLookup(DirectoryLookup):
+    """The directory read on the worker's own thread: its loop opens one message at a time and has nothing else
+    to do meanwhile, so the hop to a lookup thread (and back, for the GIL) was only a cost."""
+
+    async def lookup(self, address: str) -> Recipient | None:
+        return self.lookup_blocking(address)
 
 
 @dataclass(slots=True)
@@ -63,7 +71,7 @@ def _start(cfg: GatewayConfig) -> None:
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
     trust = load_trust(cfg.smime)
     assert trust is not None
-    _worker = _Worker(cfg, KeyRing.load(cfg.smime), trust, DirectoryLookup(make_engine(cfg.database), threads=1),
+    _worker = _Worker(cfg, KeyRing.load(cfg.smime), trust, _InlineLookup(make_engine(cfg.database), threads=1),
                       asyncio.new_event_loop())
 
 
