@@ -325,13 +325,13 @@ class Extraction:
         raise pickle.loads(body)  # the worker's own exception (a damaged ZIP, ...)
 
     def close(self) -> None:
+        """Release the pipe and the worker; a worker that has not answered (an error here) is stopped."""
         if self._receive is not None:
             self._receive.close()
         if self._worker is not None:
-            self._worker.join(timeout=5)
-            if self._worker.is_alive():
+            if self._result is None:
                 self._worker.terminate()
-                self._worker.join()
+            self._worker.join()
             self._worker = None
 
 

@@ -340,7 +340,7 @@ class _Run:
             if pg:
                 conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_load_{i} (LIKE {e.table.name}) ON COMMIT DROP")
                 conn.exec_driver_sql(f"ALTER TABLE dir_load_{i} ADD COLUMN _seq BIGINT")
-                inserts.append(CopyBatches(conn, f"dir_load_{i}", e.spec.columns, numbered=True))
+                inserts.append(CopyBatches(conn, f"dir_load_{i}", e.spec.columns))
             else:
                 inserts.append(Batches(conn, insert_sql(conn, e, update=False)))
         dropped = [idx for e in self.entities for idx in e.table.indexes]
