@@ -164,7 +164,7 @@ def sync_source(
     """
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    with ExtractReader(source) as reader, _scratch_file(wants_worker(reader, parallel)) as side:
+    with ExtractReader(source) as reader, _scratch_file(engine, wants_worker(reader, parallel)) as side:
         report = SyncReport(source=source.name, kind=reader.kind, forced=force)
         entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
         run = _Run(reader, source, entities, report, progress, max_delete_share, force, side)
@@ -201,14 +201,29 @@ def sync_source(
     return report
 
 
+SCRATCH_PREFIX = "mssgw-directory-"
+STALE_SCRATCH_SECONDS = 86_400
+"""A scratch file older than this was left by an import that was killed: the next import removes it."""
+
+
 @contextlib.contextmanager
-def _scratch_file(wanted: bool) -> Iterator[Path | None]:
-    """An empty scratch file for the worker (pipeline.py) when the extract is split, removed afterwards. It
-    holds public directory data only, but is private (mkstemp) like every file the gateway writes."""
+def _scratch_file(engine: Engine, wanted: bool) -> Iterator[Path | None]:
+    """An empty scratch file for the worker (pipeline.py) when the extract is split, removed afterwards.
+
+    It holds about half of the extract's rows (half a gigabyte for the national file): beside a SQLite
+    database, whose disk has room for the directory anyway, rather than in /tmp, which may be memory.
+    It holds public directory data only, but is private (mkstemp) like every file the gateway writes."""
     if not wanted:
         yield None
         return
-    fd, name = tempfile.mkstemp(prefix="mssgw-directory-", suffix=".db")
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    where = Path(database).resolve().parent if database and database != ":memory:" else Path(tempfile.gettempdir())
+    now = time.time()
+    for old in where.glob(f"{SCRATCH_PREFIX}*.db"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > STALE_SCRATCH_SECONDS:
+                old.unlink()
+    fd, name = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".db", dir=where)
     os.close(fd)
     try:
         yield Path(name)
