@@ -52,8 +52,8 @@ class Chunk:
     """What CHUNK_LINES lines gave: per entity, its rows.
 
     In mode "load", the insert parameters; in modes "stage" and "lines", (key, content hash, line
-    number). In mode "lines", only the lines that are
-    not in the last applied file, and their bytes in `raws` (line number, raw line).
+    number). In mode "lines", only the lines that are not in the last applied file, and their bytes
+    in `raws` (line number, raw line).
     """
 
     bytes_read: int
