@@ -106,8 +106,13 @@ class DeliveryWorker:
                     self._poll_due = True  # there may be more: ask again when a slot frees
             if self._stopping:
                 break
+            # Every slot busy: only a finished attempt (or stop, or a poll request) can give work, and each sets
+            # `_wake`. Waiting for the next poll instead spun the loop once that time had passed (mail enqueued
+            # straight from the receivers never polls), a timeout of 0 per turn for as long as the slots stayed full.
+            full = len(self._inflight) >= self._concurrency
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_poll - time.monotonic()))
+                await asyncio.wait_for(self._wake.wait(),
+                                       timeout=None if full else max(0.0, next_poll - time.monotonic()))
             except TimeoutError:
                 pass
 

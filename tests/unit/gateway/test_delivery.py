@@ -14,7 +14,14 @@ from sqlalchemy import Engine, update
 from config.schema import DatabaseConfig
 from gateway.db import create_tables, make_engine
 from gateway.delivery import DeliveryWorker
-from gateway.spool import Incoming, QueuedMessage, RecipientResult, Spool, new_queue_id, queue
+from gateway.spool import (
+    Incoming,
+    QueuedMessage,
+    RecipientResult,
+    Spool,
+    new_queue_id,
+    queue,
+)
 
 MSG = b"From: a@x.test\r\nSubject: t\r\n\r\nbody\r\n"
 
@@ -97,3 +104,43 @@ async def test_expired_message_fails_with_a_notice(spool: Spool) -> None:
     old = accept(spool, age=timedelta(days=6))
     assert await run_once(spool, recorder, old) == "failed"
     assert recorder.notices == [(old.id, "failed", ("b@y.test",))]
+
+
+class CountingEvent(asyncio.Event):
+    """The worker's wake-up event, counting the turns of its loop (each turn clears it once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns = 0
+
+    def clear(self) -> None:
+        self.turns += 1
+        super().clear()
+
+
+async def test_full_slots_wait_without_spinning(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.delivery.POLL_INTERVAL", 0.01)  # the poll time passes while the slot is busy
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(msg: QueuedMessage, data: bytes) -> list[RecipientResult]:
+        started.set()
+        await release.wait()
+        return [RecipientResult(r, "done", "250 ok") for r in msg.pending]
+
+    worker = DeliveryWorker(spool, slow, concurrency=1)
+    wake = CountingEvent()
+    worker._wake = wake
+    worker.start()
+    worker.enqueue(accept(spool))
+    await asyncio.wait_for(started.wait(), 5)
+    before = wake.turns
+    await asyncio.sleep(0.3)
+    assert wake.turns - before <= 2  # a spinning loop turns thousands of times in 0.3 s
+    release.set()
+    for _ in range(200):
+        if all(e.state == "done" for e in spool.entries()):
+            break
+        await asyncio.sleep(0.01)
+    await worker.stop()
+    assert [e.state for e in spool.entries()] == ["done"]
