@@ -13,6 +13,7 @@ Keys are organisation key files for now; CPS cards plug in through the same `Sig
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +33,13 @@ from gateway.inbound_security import InboundResult, secure_inbound
 from gateway.lmtp import LmtpError, LmtpPool
 from gateway.mdn import build_mdn, mdn_requested
 from gateway.relay import OutboundRelay
-from gateway.spool import MAX_QUEUE_LIFETIME, Incoming, QueuedMessage, RecipientResult, new_queue_id
+from gateway.spool import (
+    MAX_QUEUE_LIFETIME,
+    Incoming,
+    QueuedMessage,
+    RecipientResult,
+    new_queue_id,
+)
 from smime.certpath import TrustStore
 from smime.errors import SenderMismatch, SmimeError
 from smime.filekeys import FileKey
@@ -187,7 +194,7 @@ class Pipeline:
             except DirectoryError as exc:
                 results.append(RecipientResult(rcpt, "retry", f"451 4.4.3 Directory unavailable: {exc}"))
                 continue
-            certs = [x509.load_der_x509_certificate(c.der) for c in entry.certificates] if entry else []
+            certs = [recipient_certificate(c.der) for c in entry.certificates] if entry else []
             if not certs:
                 results.append(RecipientResult(rcpt, "failed",
                                                "550 5.7.1 No usable encryption certificate in the directory"))
@@ -327,6 +334,14 @@ def signer_identity(directory: DirectoryLookup | None) -> AsyncIdentityCheck | N
         return f"From {sender} belongs to RPPS {rpps} in the MSSanté directory"
 
     return check
+
+
+@functools.lru_cache(maxsize=256)
+def recipient_certificate(der: bytes) -> x509.Certificate:
+    """A recipient's certificate from the directory, parsed once per distinct DER (kept for the 256 last): the
+    same few certificates come back with every message to their owners. Keyed by the whole encoding, so a
+    certificate changed in the directory is a new entry; a certificate is immutable, so sharing it is safe."""
+    return x509.load_der_x509_certificate(der)
 
 
 def _rpps_of(cert: x509.Certificate) -> str | None:

@@ -336,13 +336,18 @@ def _reencode(entity: bytes) -> bytes:
     return to_crlf(out.getvalue())
 
 
+_BASE64_LINE = re.compile(rb".{1,76}", re.DOTALL)
+
+
 def base64_pieces(data: bytes) -> list[bytes]:
     """Base64 in 76-character CRLF lines (RFC 2045 §6.8), as pieces for one final join.
 
-    One piece: `encodebytes` cuts the same 76-character lines in C (a loop over 57-byte slices cost
-    0.3 ms for 20 KB).
+    One piece: the whole input encoded at once, then cut into lines by a regex, both in C. (`encodebytes`
+    calls b2a_base64 once per 57-byte line from a Python loop: a third slower for 20 KB.)
     """
-    return [base64.encodebytes(data).replace(b"\n", CRLF)] if data else []
+    if not data:
+        return []
+    return [CRLF.join(_BASE64_LINE.findall(binascii.b2a_base64(data, newline=False))) + CRLF]
 
 
 def base64_lines(data: bytes) -> bytes:
@@ -403,15 +408,14 @@ def split_multipart_signed(entity: bytes) -> SignedParts:
     protocol = (ctype.param("protocol") or "application/pkcs7-signature").lower()
     if protocol not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
         raise MalformedMessage(f"multipart/signed with protocol {protocol} is not S/MIME (RFC 8551 §3.5.3)")
-    delim = re.compile(rb"(?m)^--" + re.escape(boundary_bytes(boundary)) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
-    marks = list(delim.finditer(body))
-    closing = next((i for i, m in enumerate(marks) if m.group(1)), None)
+    marks = list(signed_delimiters(body, b"--" + boundary_bytes(boundary)))
+    closing = next((i for i, m in enumerate(marks) if m[2]), None)
     if closing is None:
         raise MalformedMessage("multipart/signed has no closing delimiter")
     if closing != 2:
         raise MalformedMessage(f"multipart/signed must have exactly two parts, found {closing}")
     parts = []
-    for start, end in ((marks[0].end(), marks[1].start()), (marks[1].end(), marks[2].start())):
+    for start, end in ((marks[0][1], marks[1][0]), (marks[1][1], marks[2][0])):
         part = body[start:end]
         if part.endswith(b"\r\n"):
             part = part[:-2]
@@ -423,6 +427,29 @@ def split_multipart_signed(entity: bytes) -> SignedParts:
     if sig_type not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
         raise MalformedMessage(f"second part of multipart/signed is {sig_type}, not application/pkcs7-signature")
     return SignedParts(parts[0], decode_body(sig_block, sig_body), ctype.param("micalg"), ctype.param("protocol"))
+
+
+def signed_delimiters(body: bytes, dash_boundary: bytes) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, closing?) of each delimiter line of a multipart/signed body as it came (RFC 2046 §5.1.1):
+    `dash_boundary` at the start of a line, `--` if it closes, spaces or tabs, then CRLF, a bare LF or the end.
+
+    What the regex `(?m)^--boundary(--)?[ \\t]*(?:\\r?\\n|\\Z)` finds, by bytes.find: each message has its own
+    boundary, so that regex was compiled anew for every message opened (60 us, more than the search)."""
+    end = len(body)
+    at = body.find(dash_boundary)
+    while at >= 0:
+        nxt = at + 1
+        if at == 0 or body[at - 1] == 0x0A:
+            i = at + len(dash_boundary)
+            closing = body.startswith(b"--", i)
+            k = i + 2 if closing else i
+            while k < end and body[k] in (0x20, 0x09):
+                k += 1
+            eol = 0 if k == end else 2 if body.startswith(CRLF, k) else 1 if body[k] == 0x0A else -1
+            if eol >= 0:
+                yield at, k + eol, closing
+                nxt = k + eol
+        at = body.find(dash_boundary, nxt)
 
 
 def decode_body(block: bytes, body: bytes) -> bytes:
