@@ -80,9 +80,23 @@ def _issuer_and_serial_der(cert_der: bytes) -> bytes:
 
 def from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
     """A certificate of the message, its names and extensions parsed now: cryptography parses them on first
-    access, and a duplicated or damaged extension (RFC 5280 §4.2) must fail here, not inside a check."""
+    access, and a duplicated or damaged extension (RFC 5280 §4.2) must fail here, not inside a check.
+
+    The same sender's certificate and chain come with each of its messages: one of at most
+    `CACHED_CERTIFICATE_BYTES` is parsed once per distinct encoding (the 256 last; failures are not kept)."""
+    der = cert.dump()
+    if len(der) <= CACHED_CERTIFICATE_BYTES:
+        return _load_certificate(der)
+    return _load_certificate.__wrapped__(der)
+
+
+CACHED_CERTIFICATE_BYTES = 16 * 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _load_certificate(der: bytes) -> x509.Certificate:
     try:
-        loaded = x509.load_der_x509_certificate(cert.dump())
+        loaded = x509.load_der_x509_certificate(der)
         _ = loaded.subject, loaded.issuer, loaded.extensions
     except (ValueError, x509.DuplicateExtension) as exc:
         raise MalformedCms(f"embedded certificate does not parse: {type(exc).__name__}: {exc}") from None
@@ -102,10 +116,13 @@ def identifies(rid: cms.RecipientIdentifier | cms.SignerIdentifier, cert: x509.C
     """Whether a SignerIdentifier or RecipientIdentifier names `cert` (RFC 5652 §5.3, §6.2.1)."""
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
+        # The usual case, one comparison: the identifier is the certificate's own issuer and serial encodings.
+        if ias.dump() == issuer_and_serial_der(cert):
+            return True
         if ias["serial_number"].native != cert.serial_number:
             return False
         issuer = to_asn1(cert).issuer
-        # Same bytes is the usual case; otherwise RFC 5280 §7.1 name comparison (slower: string preparation).
+        # The same issuer encoded otherwise: RFC 5280 §7.1 name comparison (slower: string preparation).
         return bool(ias["issuer"].dump() == issuer.dump() or ias["issuer"] == issuer)
     if rid.name == "subject_key_identifier":
         return bool(rid.chosen.native == subject_key_id(cert))
