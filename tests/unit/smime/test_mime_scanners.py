@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smime.mime import (
+    _needs_reencoding,
     base64_lines,
     base64_pieces,
     signed_delimiters,
@@ -57,3 +58,27 @@ def test_base64_lines_are_encodebytes_with_crlf(data: bytes) -> None:
 
 def test_base64_of_nothing_is_no_piece() -> None:
     assert base64_pieces(b"") == []
+
+
+def _needed_reencoding(entity: bytes) -> bool:
+    """What canonicalize used to test, substring by substring (the reference for the one-split version)."""
+    if not entity.isascii() or b"\0" in entity:
+        return True
+    if any(s in entity for s in (b" \r\n", b"\t\r\n", b" \n", b"\t\n")):
+        return True
+    if entity.startswith(b"From ") or b"\nFrom " in entity:
+        return True
+    if re.search(rb"(?im)^content-transfer-encoding:[ \t]*(8bit|binary)", entity):
+        return True
+    *ended, last = entity.split(b"\n")
+    return max(map(len, ended), default=0) > 999 or len(last) > 1000
+
+
+ENTITY_PIECES = [b" ", b"\t", b"\r", b"\n", b"\r\n", b"x", b"From ", b"content-transfer-encoding: 8bit", b"\xe9",
+                 b"y" * 500]
+
+
+@given(st.lists(st.sampled_from(ENTITY_PIECES), max_size=16))
+def test_needs_reencoding_as_the_substring_tests_said(pieces: list[bytes]) -> None:
+    entity = b"".join(pieces)
+    assert _needs_reencoding(entity) == _needed_reencoding(entity)
