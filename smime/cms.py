@@ -98,7 +98,7 @@ def _load_certificate(der: bytes) -> x509.Certificate:
     try:
         loaded = x509.load_der_x509_certificate(der)
         _ = loaded.subject, loaded.issuer, loaded.extensions
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except (ValueError, x509.DuplicateExtension, x509.InvalidVersion) as exc:  # InvalidVersion: not a ValueError
         raise MalformedCms(f"embedded certificate does not parse: {type(exc).__name__}: {exc}") from None
     return loaded
 

@@ -86,3 +86,11 @@ def test_a_damaged_certificate_fails_each_time() -> None:
         with pytest.raises(MalformedCms):
             from_asn1(bad)
     assert _load_certificate.cache_info().currsize == before
+
+
+def test_a_certificate_of_an_unknown_version_is_malformed_cms(cert: x509.Certificate) -> None:
+    der = cert.public_bytes(serialization.Encoding.DER)
+    version = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2: v3
+    assert der.count(version) == 1
+    with pytest.raises(MalformedCms, match="InvalidVersion"):
+        from_asn1(asn1_x509.Certificate.load(der.replace(version, bytes.fromhex("a003020103"))))
