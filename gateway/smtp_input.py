@@ -48,6 +48,26 @@ class StrictLineReader(asyncio.StreamReader):
             raise CommandLineError(BARE_LINE_END)
         return line
 
+    async def read_lines(self) -> bytes:
+        """DATA: a line up to CRLF (waiting for it, `LimitOverrunError` as `readuntil`), with every further
+        complete line already received: a message that arrived in one read is handled in one pass."""
+        first = await self.readuntil(b"\r\n")
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
+        end = buffer.rfind(b"\r\n")
+        if end < 0:
+            return first
+        more = bytes(buffer[:end + 2])
+        if max(map(len, more.split(b"\r\n"))) + 2 > self._limit:  # type: ignore[attr-defined]
+            return first  # a line past the limit: `readuntil` refuses it when its turn comes
+        del buffer[:end + 2]
+        self._maybe_resume_transport()  # type: ignore[attr-defined]  # what readuntil does after taking
+        return first + more
+
+    def unread(self, data: bytes) -> None:
+        """Put back, in front, what was taken past the end of a DATA (the next commands of a pipelining client)."""
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
+        buffer[:0] = data
+
     def pending(self) -> int:
         """Bytes received and not read yet (what a client sent ahead of our reply)."""
         return len(self._buffer)  # type: ignore[attr-defined]
@@ -84,8 +104,11 @@ class DataReceiver:
 
     async def receive(self) -> bytes | str:
         """The content, dot-stuffing undone (RFC 5321 §4.5.2), or the refusal to send. `set_timer` is given,
-        before each line, the seconds the client has for it: `data_timeout`, or less when the whole DATA would
-        last over `max_data_duration` (the caller closes the connection when it runs out)."""
+        before each read, the seconds the client has for it: `data_timeout`, or less when the whole DATA would
+        last over `max_data_duration` (the caller closes the connection when it runs out).
+
+        Lines are taken as many at a time as have arrived (`read_lines`) and handled with bytes methods: the
+        end is the first line that is a lone dot; a line starting with a dot loses it."""
         limits = self._limits
         deadline = self._clock() + limits.max_data_duration
         refusal: str | None = None
@@ -94,28 +117,39 @@ class DataReceiver:
         while True:
             self._set_timer(max(0.01, min(limits.data_timeout, deadline - self._clock())))
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                block = await self._reader.read_lines()
             except asyncio.LimitOverrunError as exc:
                 size += len(await self._reader.read(exc.consumed))
                 at_line_start = False
                 refusal = refusal or LINE_TOO_LONG
                 self._drop()
                 continue
-            if at_line_start and line == b".\r\n":
-                break
+            if at_line_start and block.startswith(b".\r\n"):
+                end = 0
+            else:
+                end = block.find(b"\r\n.\r\n")
+                end = -1 if end < 0 else end + 2
+            if end >= 0:
+                self._reader.unread(block[end + 3:])
+                block = block[:end]
+            stuffed = at_line_start and block.startswith(b".")
             at_line_start = True
-            size += len(line)
+            size += len(block)
             if refusal is None and size > limits.max_message_size:
                 refusal = f"552 5.3.4 Message too big: the limit is {limits.max_message_size} bytes"
-            elif refusal is None and self._budget.held + len(line) > limits.max_buffered_data:
+            elif refusal is None and self._budget.held + len(block) > limits.max_buffered_data:
                 log.warning("DATA refused: this listener holds %d bytes of mail in memory", self._budget.held)
                 refusal = BUSY
             if refusal is not None:
                 self._drop()
-                continue
-            self._buffer += line[1:] if line.startswith(b".") else line
-            self._budget.held += len(line)
-            self._held += len(line)
+            else:
+                # The dot that starts a line goes: after a CRLF inside the block, and at its start (replace leaves it).
+                content = block.replace(b"\r\n.", b"\r\n")
+                self._buffer += content[1:] if stuffed else content
+                self._budget.held += len(block)
+                self._held += len(block)
+            if end >= 0:
+                break
         if refusal is not None:
             return refusal
         content = bytes(self._buffer)

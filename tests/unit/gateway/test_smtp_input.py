@@ -91,7 +91,31 @@ async def test_the_listener_budget_is_shared_and_given_back() -> None:
 async def test_the_whole_data_has_a_deadline() -> None:
     timers: list[float] = []
     clock = iter([0.0, 0.0, 5.0, 9.5])
-    receiver = DataReceiver(reader_with(b"a\r\nb\r\n.\r\n"), LimitsConfig(data_timeout=300, max_data_duration=10),
+    reader = StrictLineReader(limit=1001)
+    receiver = DataReceiver(reader, LimitsConfig(data_timeout=300, max_data_duration=10),
                             MemoryBudget(), timers.append, lambda: next(clock))
-    await receiver.receive()
+
+    async def feed() -> None:  # one line per read
+        for part in (b"a\r\n", b"b\r\n", b".\r\n"):
+            await asyncio.sleep(0)
+            reader.feed_data(part)
+
+    feeding = asyncio.create_task(feed())
+    assert await receiver.receive() == b"a\r\nb\r\n"
+    await feeding
     assert timers == [10.0, 5.0, 0.5]  # the time left, never more than data_timeout
+
+
+async def test_lines_that_arrived_together_are_taken_together_and_the_rest_stays() -> None:
+    """One read takes every complete line already received (one timer for them); what follows the final dot
+    is left for the commands that come next (pipelining), and a line past the limit among them is still
+    refused."""
+    timers: list[float] = []
+    lines = b"".join(b"..line %d\r\n" % i for i in range(300))
+    reader = reader_with(lines + b".\r\nQUIT\r\n")
+    receiver = DataReceiver(reader, LimitsConfig(), MemoryBudget(), timers.append, asyncio.get_running_loop().time)
+    assert await receiver.receive() == lines.replace(b"..", b".")
+    assert len(timers) == 1
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    content, _ = await receive(b"a\r\n" + b"y" * 2000 + b"\r\n.\r\n")
+    assert content == LINE_TOO_LONG
