@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cps import sha256
 from cps.sha256 import BLOCK, INITIAL_STATE, compress, finish, partial_hash
 
 
@@ -46,3 +47,27 @@ def test_known_answer_for_one_block() -> None:
 def test_finish_rejects_inconsistent_state(state: bytes, bits: int, tail: bytes) -> None:
     with pytest.raises(ValueError, match="inconsistent"):
         finish(state, bits, tail)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=64, max_size=64), max_size=6), st.lists(st.integers(0, 2**32 - 1), min_size=8,
+                                                                             max_size=8))
+def test_libcrypto_compression_is_the_standard_one(blocks: list[bytes], state: list[int]) -> None:
+    """The compression served by libcrypto (when there) gives what the FIPS 180-4 one written here gives, from
+    any state: the card's H(i) and the virtual card's finish depend on it."""
+    fast = sha256._libcrypto_blocks()
+    if fast is None:
+        pytest.skip("no libcrypto in this process")
+    data = b"".join(blocks)
+    assert fast(tuple(state), data) == sha256._python_blocks(tuple(state), data)
+
+
+def test_without_libcrypto_the_python_compression_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha256, "_libcrypto_blocks", lambda: None)
+    sha256._blocks.cache_clear()
+    try:
+        assert sha256._blocks() is sha256._python_blocks
+        part = partial_hash(b"x" * 150)
+        assert finish(part.state, part.bit_count, part.tail) == hashlib.sha256(b"x" * 150).digest()
+    finally:
+        sha256._blocks.cache_clear()
