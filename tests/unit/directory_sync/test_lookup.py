@@ -56,6 +56,8 @@ async def test_a_published_personal_mailbox_is_found_with_its_owner(directory: t
     assert (found.last_name, found.first_name, found.profession) == (row[9], row[10], row[14])
     assert found.liste_rouge is False
     assert found.certificates == ()
+    with pytest.raises(AttributeError):
+        found.address = "autre@medecin.mssante.fr"  # type: ignore[misc]
 
 
 async def test_domain_is_case_insensitive_local_part_is_exact(directory: tuple[Engine, list[list[str]]]) -> None:
@@ -141,3 +143,25 @@ async def test_an_unreachable_directory_is_reported_as_unavailable(url: str) -> 
             await lookup.lookup("someone@medecin.mssante.fr")
     finally:
         lookup.close()
+
+
+def test_a_failed_lookup_leaves_the_next_one_a_fresh_connection(tmp_path: Path) -> None:
+    """A read that fails (here: no tables yet) throws its thread's connection and cursor away;
+    the next lookup on that thread opens new ones and sees the database as it is now."""
+    from directory_sync.database import make_engine, migrate
+    from directory_sync.errors import DirectoryUnavailable
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    lookup = DirectoryLookup(engine, threads=1)
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            lookup.lookup_blocking("someone@medecin.mssante.fr")
+        migrate(engine)
+        lines = list(mssante_lines(5))
+        import_paths(engine, [write_extract(tmp_path / "m.txt", lines)])
+        address = lines[1].split("|")[1]
+        found = lookup.lookup_blocking(address)
+        assert found is not None and found.address == address
+    finally:
+        lookup.close()
+        engine.dispose()
