@@ -57,7 +57,7 @@ def _null(value: None) -> None:
     The sqlite3 module adapts every parameter that is not a str, int, float or bytes through
     the adaptation protocol, failed attribute look-ups included; with an adapter registered
     for None the look-up succeeds at once. (Extract fields are bound as they stand, '' for an
-    empty one, and the statements turn '' into NULL: cheaper still, see sqlbatch.insert_sql.)
+    empty one, and the statements turn '' into NULL: cheaper still, see EntitySpec.values_sql.)
     """
     return value
 

@@ -81,6 +81,12 @@ class EntitySpec:
         line = ("line_hash",) if self.per_line else ()
         return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash", *line)
 
+    def values_sql(self) -> str:
+        """SQLite's VALUES of `extract`'s parameters (numbered), a field's '' stored as NULL. A CASE costs SQLite
+        less than NULLIF (a function call), which costs it less than binding None from Python."""
+        return ", ".join(f"CASE WHEN ?{n} <> '' THEN ?{n} END" if 1 < n <= len(self.fields) + 1 else f"?{n}"
+                         for n in range(1, len(self.columns) + 1))
+
     def bind(self, reader: ExtractReader) -> BoundEntity:
         key = () if self.key_header is None else (self.key_header,)
         missing = [h for h in dict.fromkeys((*key, *self.required, *self.needed)) if reader.column(h) is None]
@@ -95,7 +101,7 @@ class BoundEntity:
     `extract(row, line_hash)` gives (key, content hash, insert parameters), or None when the row has no
     such entity; it raises RowRejected when the row is unusable for this table. The parameters keep the
     fields as the file spells them, an empty field as '': the insert statements turn '' into NULL
-    (`insert_sql`), which costs SQLite less than binding None from Python.
+    (`EntitySpec.values_sql`).
     """
 
     def __init__(self, spec: EntitySpec, reader: ExtractReader) -> None:

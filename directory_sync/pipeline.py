@@ -3,14 +3,15 @@
 A full import spends about as long parsing, hashing and building row tuples as SQLite spends
 writing them, and the machine has a second core. A large file is cut in two at a line
 boundary (`split_point`): this process reads the first part while a forked worker reads the
-second. The worker writes what it finds into a scratch SQLite file of its own (`side`): the
-rows to insert (mode "load") or to stage (modes "stage" and "lines"), and in mode "lines" the
-new lines themselves. The sync then copies that file into the directory inside its
-transaction, after this process's own rows, so that the first line of the file still wins a
-repeated key (sync.py). Both parts write at the same time and no row crosses a pipe: the pipe
-only carries the worker's progress and, at the end, its counts (malformed lines are numbered
-from the worker's first line: `Extraction.finish` renumbers them). The same `LineExtractor`
-runs alone for small files.
+second. The worker writes what it finds into scratch SQLite files of its own (`sides`, one
+segment of its part after the other): the rows to insert (mode "load") or to stage (modes
+"stage" and "lines"), and in mode "lines" the new lines themselves. The sync copies each
+segment into the directory inside its transaction, after this process's own rows (so that the
+first line of the file still wins a repeated key, sync.py) and as soon as the worker says it is
+complete (`segments()`): the copy of the first segments runs while the worker reads the last.
+No row crosses a pipe: the pipe only carries the worker's progress, its finished segments and,
+at the end, its counts (malformed lines are numbered from the worker's first line:
+`Extraction.finish` renumbers them). The same `LineExtractor` runs alone for small files.
 """
 
 from __future__ import annotations
@@ -32,15 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from directory_sync.errors import RowRejected
-from directory_sync.extracts import MAX_REPORTED_MALFORMED, ExtractReader, ExtractSource, MalformedRow, ReadStats
+from directory_sync.extracts import (
+    MAX_REPORTED_MALFORMED,
+    ExtractReader,
+    ExtractSource,
+    MalformedRow,
+    ReadStats,
+)
 from directory_sync.mapping import SPECS, BoundEntity
 
 CHUNK_LINES = 500
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024
 """Below this size a worker process costs more to start than it saves."""
-WORKER_SHARE = {"load": 0.58, "stage": 0.5, "lines": 0.5}
+WORKER_SHARE = {"load": 0.6, "stage": 0.5, "lines": 0.5}
 """The share of the file's bytes the worker reads, per mode. Loading, this process also writes its rows into
 the directory's indexed tables, then copies the worker's: the worker takes more of the file."""
+SEGMENTS = 6
+"""Scratch files the worker fills one after the other: the more, the less copying is left once it ends (SQLite
+attaches at most 10 databases to a connection)."""
 STAGE_COLUMNS = ("k", "h", "line")
 """A staged row: key, content hash, line number."""
 
@@ -236,93 +246,121 @@ def split_point(reader: ExtractReader, mode: str) -> int:
 
 
 def side_tables(entities: list[BoundEntity], mode: str) -> list[tuple[str, tuple[str, ...]]]:
-    """The tables of the worker's scratch file: per entity its rows (`load_<i>`: the insert parameters;
-    `stage_<i>`: STAGE_COLUMNS), then the new lines (`raws`: line, raw bytes)."""
+    """The tables of each scratch file of the worker: per entity its rows (`load_<i>`: the insert columns, an
+    empty field already NULL; `stage_<i>`: STAGE_COLUMNS), then the new lines (`raws`: line, raw bytes)."""
     if mode == "load":
         return [(f"load_{i}", e.spec.columns) for i, e in enumerate(entities)]
     return [*((f"stage_{i}", STAGE_COLUMNS) for i in range(len(entities))), ("raws", ("line", "raw"))]
 
 
-class Extraction:
-    """The lines of one extract in `mode`: all read here, or (`side`, a scratch SQLite file, and `split`)
-    the part before `split` read here and the rest by a worker into `side`.
+def _side_inserts(entities: list[BoundEntity], mode: str) -> list[str]:
+    """The inserts into `side_tables`: loading, the fields' '' become NULL here, in the worker, rather than
+    in the copy into the directory, which the importing process runs."""
+    values = [e.spec.values_sql() for e in entities] if mode == "load" else []
+    return [f"INSERT INTO {name} VALUES ({values[i] if i < len(values) else ', '.join('?' * len(columns))})"
+            for i, (name, columns) in enumerate(side_tables(entities, mode))]
 
-    `chunks()` gives this process's rows; then `finish()` waits for the worker and says how to number
-    its lines; `close()` stops a worker still running (an error here).
+
+class Extraction:
+    """The lines of one extract in `mode`: all read here, or (`sides`, empty scratch SQLite files, and `split`)
+    the part before `split` read here and the rest by a worker into `sides`, one segment after the other.
+
+    `chunks()` gives this process's rows; then `segments()` the worker's segments as they are complete, and
+    `offset` says how to number their lines; then `finish()` adds the worker's counts; `close()` stops a
+    worker still running (an error here).
     """
 
     def __init__(self, reader: ExtractReader, entities: list[BoundEntity], mode: str, *,
-                 known: KnownLines | None = None, side: Path | None = None, split: int | None = None) -> None:
+                 known: KnownLines | None = None, sides: list[Path] | None = None, split: int | None = None) -> None:
         self.reader = reader
         self.entities = entities
         self.mode = mode
         self.known = known
-        self.side = side if split is not None else None
+        self.sides = sides if split is not None else None
         self.split = split
         self._worker: Any = None
         self._receive: Pipe | None = None
         self._worker_bytes = 0
+        self._complete = 0
         self._result: tuple[ReadStats, bytearray | None] | None = None
 
     def chunks(self) -> Iterator[Chunk]:
         """This process's chunks; `bytes_read` counts the worker's progress too."""
         extractor = LineExtractor(self.reader, self.entities)
-        if self.side is None:
+        if self.sides is None:
             yield from extractor.chunks(self.mode, self.known)
             return
         # fork: the worker starts at once, imports nothing and runs no main module again; it only reads
-        # the file and writes its scratch file and the pipe (no lock, connection or thread of this
+        # the file and writes its scratch files and the pipe (no lock, connection or thread of this
         # process is used there). `known` reaches it by the fork itself (copy on write).
         ctx = multiprocessing.get_context("fork")
         self._receive, send = ctx.Pipe(duplex=False)
         self._worker = ctx.Process(target=_work, name="directory-extract", daemon=True,
-                                   args=(self.reader.source, self.mode, self.known, self.side, self.split, send))
+                                   args=(self.reader.source, self.mode, self.known, self.sides, self.split, send))
         self._worker.start()
         send.close()
         for chunk in extractor.chunks(self.mode, self.known, stop=self.split):
             while self._result is None and self._receive.poll():
-                self._result = self._take(self._receive.recv_bytes())
+                self._take(self._receive.recv_bytes())
             chunk.bytes_read += self._worker_bytes
             yield chunk
 
-    def finish(self, progress: Callable[[int], None] | None = None) -> int:
-        """Wait for the worker (reporting bytes done in all); add its counts to the reader's, its marks to
-        `known`; return what to add to the line numbers in its scratch file (0 without a worker)."""
+    @property
+    def offset(self) -> int:
+        """What to add to the line numbers in the worker's scratch files (once `chunks()` is done)."""
+        return self.reader.line_no
+
+    def segments(self, progress: Callable[[int], None] | None = None) -> Iterator[Path]:
+        """The worker's scratch files in order, each once it is complete (none without a worker), reporting
+        the bytes done in all while waiting."""
+        if self.sides is None:
+            return
+        here = self.reader.stats.bytes_read
+        for i, side in enumerate(self.sides):
+            while i >= self._complete:
+                self._take(self._receive_message())
+                if progress is not None:
+                    progress(here + self._worker_bytes)
+            yield side
+
+    def finish(self) -> None:
+        """Wait for the worker's counts (after its last segment); add them to the reader's, its marks to
+        `known`."""
         if self._receive is None:
-            return 0
+            return
         stats = self.reader.stats
-        here = stats.bytes_read
         while self._result is None:
-            try:
-                message = self._receive.recv_bytes()
-            except EOFError:
-                self._worker.join()
-                raise RuntimeError(f"the extract worker ended without an answer (exit code "
-                                   f"{self._worker.exitcode})") from None
-            self._result = self._take(message)
-            if progress is not None:
-                progress(here + self._worker_bytes)
+            self._take(self._receive_message())
         theirs, present = self._result
-        offset = self.reader.line_no
+        offset = self.offset
         stats.rows += theirs.rows
         stats.malformed_count += theirs.malformed_count
         room = MAX_REPORTED_MALFORMED - len(stats.malformed)
         stats.malformed += [MalformedRow(m.line + offset, m.reason) for m in theirs.malformed[:max(room, 0)]]
-        stats.bytes_read = here + theirs.bytes_read
+        stats.bytes_read += theirs.bytes_read
         if self.known is not None and present is not None:
             self.known.present = bytearray(map(max, self.known.present, present))
         self.close()
-        return offset
 
-    def _take(self, message: bytes) -> tuple[ReadStats, bytearray | None] | None:
+    def _receive_message(self) -> bytes:
+        assert self._receive is not None
+        try:
+            return self._receive.recv_bytes()
+        except EOFError:
+            self._worker.join()
+            raise RuntimeError(f"the extract worker ended without an answer (exit code "
+                               f"{self._worker.exitcode})") from None
+
+    def _take(self, message: bytes) -> None:
         tag, body = message[:1], message[1:]
         if tag == b"P":
             self._worker_bytes = int.from_bytes(body, "big")
-            return None
-        if tag == b"S":
-            done: tuple[ReadStats, bytearray | None] = pickle.loads(body)
-            return done
-        raise pickle.loads(body)  # the worker's own exception (a damaged ZIP, ...)
+        elif tag == b"D":
+            self._complete += 1
+        elif tag == b"S":
+            self._result = pickle.loads(body)
+        else:
+            raise pickle.loads(body)  # the worker's own exception (a damaged ZIP, ...)
 
     def close(self) -> None:
         """Release the pipe and the worker; a worker that has not answered (an error here) is stopped."""
@@ -335,35 +373,28 @@ class Extraction:
             self._worker = None
 
 
-def _work(source: ExtractSource, mode: str, known: KnownLines | None, side: Path, split: int, pipe: Pipe) -> None:
-    """The worker process: read the extract from `split` on into the scratch file, then send the counts."""
+def _work(source: ExtractSource, mode: str, known: KnownLines | None, sides: list[Path], split: int,
+          pipe: Pipe) -> None:
+    """The worker process: read the extract from `split` on into the scratch files, an equal share of its
+    part into each in turn, saying when each is complete; then send the counts."""
     send: Callable[[bytes], None] = pipe.send_bytes
     try:
-        # Without locks (vfs unix-none): this process inherited, by the fork, SQLite's record of the locks the
-        # importing process holds on this very file (attached there), and would wait for them; the importing
-        # process reads the file only once told that it is complete.
-        uri = f"file:{urllib.parse.quote(str(side))}?vfs=unix-none"
-        with gc_paused(), ExtractReader(source) as reader, contextlib.closing(
-                sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+        with gc_paused(), ExtractReader(source) as reader:
             entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-            # A scratch file: nothing to recover after a crash, so no journal and no fsync.
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("BEGIN")
-            inserts = []
-            for name, columns in side_tables(entities, mode):
-                db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
-                inserts.append(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})")
+            tables, inserts = side_tables(entities, mode), _side_inserts(entities, mode)
             reader.skip_to(split)
             base = reader.stats.bytes_read  # the importing process reads up to here
-            for chunk in LineExtractor(reader, entities).chunks(mode, known):
-                for sql, rows in zip(inserts, chunk.rows):
-                    if rows:
-                        db.executemany(sql, rows)
-                if chunk.raws:
-                    db.executemany(inserts[-1], chunk.raws)
-                send(b"P" + (reader.stats.bytes_read - base).to_bytes(8, "big"))
-            db.execute("COMMIT")
+            last = len(sides) - 1
+            ends = [base + (reader.source.size - base) * (i + 1) // len(sides) for i in range(last)]
+            chunks = LineExtractor(reader, entities).chunks(mode, known)
+            for i, side in enumerate(sides):
+                with _segment(side, tables, inserts) as write:
+                    for chunk in chunks:
+                        write(chunk)
+                        send(b"P" + (reader.stats.bytes_read - base).to_bytes(8, "big"))
+                        if i < last and reader.stats.bytes_read >= ends[i]:
+                            break
+                send(b"D")
             reader.stats.bytes_read -= base
             send(b"S" + pickle.dumps((reader.stats, None if known is None else known.present)))
     except BrokenPipeError:
@@ -372,6 +403,34 @@ def _work(source: ExtractSource, mode: str, known: KnownLines | None, side: Path
         send(b"E" + _picklable(exc))
     finally:
         pipe.close()
+
+
+@contextlib.contextmanager
+def _segment(side: Path, tables: list[tuple[str, tuple[str, ...]]],
+             inserts: list[str]) -> Iterator[Callable[[Chunk], None]]:
+    """One scratch file of the worker, its tables created: `write(chunk)` adds a chunk's rows (the last table
+    takes the new lines); complete and closed on leaving."""
+    # Without locks (vfs unix-none): this process inherited, by the fork, SQLite's record of the locks the
+    # importing process holds on these very files (attached there), and would wait for them; the importing
+    # process reads a file only once told that it is complete.
+    uri = f"file:{urllib.parse.quote(str(side))}?vfs=unix-none"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+        # A scratch file: nothing to recover after a crash, so no journal and no fsync.
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("BEGIN")
+        for name, columns in tables:
+            db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
+
+        def write(chunk: Chunk) -> None:
+            for sql, rows in zip(inserts, chunk.rows):
+                if rows:
+                    db.executemany(sql, rows)
+            if chunk.raws:
+                db.executemany(inserts[-1], chunk.raws)
+
+        yield write
+        db.execute("COMMIT")
 
 
 def _picklable(exc: Exception) -> bytes:

@@ -106,9 +106,13 @@ def insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
     """The insert of `entity.extract`'s parameters; an empty field is stored as NULL."""
     cols = entity.spec.columns
     key = entity.spec.key_column
-    mark = marks(conn, 1)
-    values = [mark if i == 0 or i > len(entity.spec.fields) else f"NULLIF({mark}, '')" for i in range(len(cols))]
-    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({', '.join(values)}) "
+    if conn.dialect.paramstyle == "qmark":
+        values = entity.spec.values_sql()
+    else:  # no numbered parameters to compare and use the same one
+        mark = marks(conn, 1)
+        values = ", ".join(mark if i == 0 or i > len(entity.spec.fields) else f"NULLIF({mark}, '')"
+                           for i in range(len(cols)))
+    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({values}) "
     if not update:
         return sql + f"ON CONFLICT ({key}) DO NOTHING"
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key)
@@ -118,7 +122,8 @@ def insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
 def select_fields(entity: BoundEntity, source: str) -> str:
     """The columns of `entity` selected from a table of the same columns that holds '' for an empty field."""
     fields = {c for c, _ in entity.spec.fields}
-    return ", ".join(f"NULLIF({source}.{c}, '')" if c in fields else f"{source}.{c}" for c in entity.spec.columns)
+    return ", ".join(f"CASE WHEN {source}.{c} <> '' THEN {source}.{c} END" if c in fields else f"{source}.{c}"
+                     for c in entity.spec.columns)
 
 
 def changed_lines(conn: Connection) -> Iterator[tuple[int, list[int]]]:

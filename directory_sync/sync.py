@@ -6,9 +6,9 @@ Why this shape:
 - Memory stays bounded whatever the file size: rows stream through in batches and the
   database computes the differences.
 - Parsing costs about as much as writing, and there is a second core: a large file is split
-  with a worker process (pipeline.py), which writes its part into a scratch SQLite file that
-  is copied here, in SQL, after this process's own rows (so the first line still wins a
-  repeated key), in all three strategies.
+  with a worker process (pipeline.py), which writes its part into scratch SQLite files, one
+  segment after the other, each copied here, in SQL, after this process's own rows (so the
+  first line still wins a repeated key) as soon as it is complete, in all three strategies.
 - Into empty tables there is nothing to compare: one pass inserts, and the secondary
   indexes are built once at the end. A key already inserted in this run (a structure shared
   by many lines) is not extracted again.
@@ -57,6 +57,7 @@ from directory_sync.extracts import (
 from directory_sync.mapping import SPECS, BoundEntity
 from directory_sync.models import SyncRun
 from directory_sync.pipeline import (
+    SEGMENTS,
     Extraction,
     KnownLines,
     gc_paused,
@@ -164,12 +165,12 @@ def sync_source(
     """
     started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
-    with ExtractReader(source) as reader, _scratch_file(engine, wants_worker(reader, parallel)) as side:
+    with ExtractReader(source) as reader, _scratch_files(engine, wants_worker(reader, parallel)) as sides:
         report = SyncReport(source=source.name, kind=reader.kind, forced=force)
         entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-        run = _Run(reader, source, entities, report, progress, max_delete_share, force, side)
+        run = _Run(reader, source, entities, report, progress, max_delete_share, force, sides)
         try:
-            with gc_paused(), _transaction(engine, side) as conn:
+            with gc_paused(), _transaction(engine, sides) as conn:
                 before = [count_rows(conn, e.table) for e in entities]
                 report.tables = [TableChange(e.spec.name, n) for e, n in zip(entities, before, strict=True)]
                 if all(n == 0 for n in before):
@@ -207,12 +208,12 @@ STALE_SCRATCH_SECONDS = 86_400
 
 
 @contextlib.contextmanager
-def _scratch_file(engine: Engine, wanted: bool) -> Iterator[Path | None]:
-    """An empty scratch file for the worker (pipeline.py) when the extract is split, removed afterwards.
+def _scratch_files(engine: Engine, wanted: bool) -> Iterator[list[Path] | None]:
+    """Empty scratch files for the worker's segments (pipeline.py) when the extract is split, removed afterwards.
 
-    It holds about half of the extract's rows (half a gigabyte for the national file): beside a SQLite
-    database, whose disk has room for the directory anyway, rather than in /tmp, which may be memory.
-    It holds public directory data only, but is private (mkstemp) like every file the gateway writes."""
+    Together they hold about half of the extract's rows (half a gigabyte for the national file): beside a
+    SQLite database, whose disk has room for the directory anyway, rather than in /tmp, which may be memory.
+    They hold public directory data only, but are private (mkstemp) like every file the gateway writes."""
     if not wanted:
         yield None
         return
@@ -223,36 +224,45 @@ def _scratch_file(engine: Engine, wanted: bool) -> Iterator[Path | None]:
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > STALE_SCRATCH_SECONDS:
                 old.unlink()
-    fd, name = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".db", dir=where)
-    os.close(fd)
+    paths: list[Path] = []
     try:
-        yield Path(name)
+        for _ in range(SEGMENTS):
+            fd, name = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".db", dir=where)
+            os.close(fd)
+            paths.append(Path(name))
+        yield paths
     finally:
-        Path(name).unlink(missing_ok=True)
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def _side_schema(i: int) -> str:
+    return f"dir_side{i}"
 
 
 @contextlib.contextmanager
-def _transaction(engine: Engine, side: Path | None) -> Iterator[Connection]:
+def _transaction(engine: Engine, sides: list[Path] | None) -> Iterator[Connection]:
     """One transaction for the whole sync, DDL included.
 
     On SQLite it is begun explicitly (the sqlite3 module would only begin it at the first INSERT, leaving
-    the index drops of a load outside it), and the worker's scratch file is attached before: SQLite
-    attaches nothing inside a transaction."""
+    the index drops of a load outside it), and the worker's scratch files are attached before: SQLite
+    attaches nothing inside a transaction. The transaction reads each of them only once the worker has
+    completed it: a read would keep that file's snapshot until the commit."""
     with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
         driver: Any = conn.connection.driver_connection  # outside SQLAlchemy's transaction
-        attached = sqlite and side is not None
-        if attached:
-            assert side is not None
-            driver.execute("ATTACH DATABASE ? AS dir_side", (str(side),))
+        attached: list[str] = []
         try:
+            for i, side in enumerate(sides if sides is not None and sqlite else []):
+                driver.execute(f"ATTACH DATABASE ? AS {_side_schema(i)}", (str(side),))
+                attached.append(_side_schema(i))
             with conn.begin():
-                if sqlite:  # deferred: IMMEDIATE would lock the worker's scratch file too
+                if sqlite:  # deferred: IMMEDIATE would lock the worker's scratch files too
                     conn.exec_driver_sql("BEGIN")
                 yield conn
         finally:
-            if attached:
-                driver.execute("DETACH DATABASE dir_side")
+            for schema in attached:
+                driver.execute(f"DETACH DATABASE {schema}")
 
 
 class _Run:
@@ -260,7 +270,7 @@ class _Run:
 
     def __init__(
         self, reader: ExtractReader, source: ExtractSource, entities: list[BoundEntity], report: SyncReport,
-        progress: Progress | None, max_delete_share: float, force: bool, side: Path | None,
+        progress: Progress | None, max_delete_share: float, force: bool, sides: list[Path] | None,
     ) -> None:
         self.reader = reader
         self.source = source
@@ -269,7 +279,7 @@ class _Run:
         self.progress = progress
         self.max_delete_share = max_delete_share
         self.force = force
-        self.side = side
+        self.sides = sides
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -285,13 +295,13 @@ class _Run:
     def _extract(self, conn: Connection, phase: str, mode: str, sinks: list[Batches], raws: Batches | None = None,
                  known: KnownLines | None = None) -> None:
         """Every line's rows, per entity, into `sinks` (and in mode "lines" the new lines into `raws`): this
-        process's part of the file first, then the worker's, copied from its scratch file, so that the first
-        line of the file wins a repeated key."""
+        process's part of the file first, then the worker's, copied from its scratch files one after the
+        other as the worker completes them, so that the first line of the file wins a repeated key."""
         total = self.source.size
         progress = self.progress
-        side = self.side
-        extraction = Extraction(self.reader, self.entities, mode, known=known, side=side,
-                                split=None if side is None else split_point(self.reader, mode))
+        sides = self.sides
+        extraction = Extraction(self.reader, self.entities, mode, known=known, sides=sides,
+                                split=None if sides is None else split_point(self.reader, mode))
         try:
             for chunk in extraction.chunks():
                 for batch, rows in zip(sinks, chunk.rows, strict=True):
@@ -302,37 +312,40 @@ class _Run:
                     progress(phase, chunk.bytes_read, total)
             for batch in (*sinks, *([] if raws is None else [raws])):
                 batch.flush()
-            offset = extraction.finish(None if progress is None else (lambda done: progress(phase, done, total)))
+            for i, side in enumerate(extraction.segments(
+                    None if progress is None else (lambda done: progress(phase, done, total)))):
+                self._copy_side(conn, i, side, mode, sinks, raws, extraction.offset)
+            extraction.finish()
         finally:
             extraction.close()
-        if side is not None:
-            self._copy_side(conn, side, mode, sinks, raws, offset)
         self._done(phase)
 
-    def _copy_side(self, conn: Connection, path: Path, mode: str, sinks: list[Batches], raws: Batches | None,
-                   offset: int) -> None:
-        """The worker's rows after this process's: in SQL from the attached file on SQLite (no row through
-        Python), read back into the same batches on PostgreSQL. Its line numbers start after ours."""
+    def _copy_side(self, conn: Connection, i: int, path: Path, mode: str, sinks: list[Batches],
+                   raws: Batches | None, offset: int) -> None:
+        """The rows of the worker's segment `i` (the file `path`) after those before: in SQL from the attached
+        file on SQLite (no row through Python), read back into the same batches on PostgreSQL. Its line
+        numbers start after ours."""
         tables = side_tables(self.entities, mode)
         if conn.dialect.name == "sqlite":
-            for i, e in enumerate(self.entities):
-                name = tables[i][0]
+            side = _side_schema(i)
+            for n, e in enumerate(self.entities):
+                name = tables[n][0]
                 if mode == "load":
                     sql = (f"INSERT INTO {e.table.name} ({', '.join(e.spec.columns)}) "
-                           f"SELECT {select_fields(e, 's')} FROM dir_side.{name} s "
+                           f"SELECT {', '.join(e.spec.columns)} FROM {side}.{name} "
                            f"WHERE true ON CONFLICT ({e.spec.key_column}) DO NOTHING")
                 else:
-                    sql = (f"INSERT INTO dir_stage_{i} (k, h, line) SELECT k, h, line + {offset} "
-                           f"FROM dir_side.{name} WHERE true ON CONFLICT (k) DO NOTHING")
+                    sql = (f"INSERT INTO dir_stage_{n} (k, h, line) SELECT k, h, line + {offset} "
+                           f"FROM {side}.{name} WHERE true ON CONFLICT (k) DO NOTHING")
                 conn.exec_driver_sql(sql)
             if raws is not None:
                 conn.exec_driver_sql(f"INSERT INTO dir_stage_raw (line, raw) SELECT line + {offset}, raw "
-                                     f"FROM dir_side.raws")
+                                     f"FROM {side}.raws")
             return
         targets = [*sinks, *([] if raws is None else [raws])]
-        with contextlib.closing(sqlite3.connect(path)) as side:
+        with contextlib.closing(sqlite3.connect(path)) as scratch:
             for (name, columns), batch in zip(tables, targets, strict=False):
-                cursor = side.execute(f"SELECT {', '.join(columns)} FROM {name} ORDER BY rowid")
+                cursor = scratch.execute(f"SELECT {', '.join(columns)} FROM {name} ORDER BY rowid")
                 while rows := cursor.fetchmany(CHUNK):
                     if mode != "load":  # the line number: third of a staged row, first of a raw line
                         at = 0 if batch is raws else 2

@@ -152,12 +152,12 @@ def test_a_zipped_extract_split_with_the_worker_loads_what_the_plain_file_loads(
                              parallel=True)
     assert report.method == "load" and report.rows_read == 3 * CHUNK_LINES
     assert _dump(engine) == expected
-    assert modes == [0o600]
+    assert modes == [0o600] * pipeline.SEGMENTS
     assert set(scratch.iterdir()) == before
 
 
 def _watching(finish, modes: list[int]):  # type: ignore[no-untyped-def]
-    def watched(self, progress=None):  # type: ignore[no-untyped-def]
-        modes.append(self.side.stat().st_mode & 0o777)
-        return finish(self, progress)
+    def watched(self):  # type: ignore[no-untyped-def]
+        modes.extend(side.stat().st_mode & 0o777 for side in self.sides)
+        return finish(self)
     return watched
