@@ -72,7 +72,7 @@ class EntitySpec:
     optional_entity: bool = False
     constants: tuple[tuple[str, Any], ...] = ()
     normalise_key: Callable[[str], str | None] | None = None
-    validate: Callable[[dict[str, str | None]], str | None] | None = None
+    validate: Callable[[Values], str | None] | None = None
     per_line: bool = False
 
     @property
@@ -117,7 +117,6 @@ class BoundEntity:
         self._key_pos = None if spec.key_header is None else reader.column(spec.key_header)
         self._required = tuple((h, reader.column(h)) for h in spec.required)
         self._constants: tuple[Any, ...] = tuple(v for _, v in spec.constants)
-        self._field_names = tuple(c for c, _ in spec.fields)
         self.key_position = self._key_pos if spec.normalise_key is None else None
         """Where the key stands in a row, when it is used as it stands (stripped), else None."""
         # A closure made once per file: it runs for every line of a national extract.
@@ -126,7 +125,7 @@ class BoundEntity:
     def _extractor(self) -> Callable[[list[str], int], tuple[str, int, tuple[Any, ...]] | None]:
         spec = self.spec
         get, single, all_present, slots = self._get, self._single, self._all_present, self._slots
-        key_pos, required, constants, names = self._key_pos, self._required, self._constants, self._field_names
+        key_pos, required, constants = self._key_pos, self._required, self._constants
         normalise, validate, optional, per_line = spec.normalise_key, spec.validate, spec.optional_entity, spec.per_line
         key_header = spec.key_header
         blake2b, from_bytes = hashlib.blake2b, int.from_bytes
@@ -141,7 +140,7 @@ class BoundEntity:
             if not all_present:
                 values = tuple(None if s is None else values[s] for s in slots)
             if validate is not None:
-                reason = validate(dict(zip(names, values, strict=True)))
+                reason = validate(values)
                 if reason is not None:
                     raise RowRejected(reason)
             if per_line:
@@ -253,11 +252,34 @@ DIPLOMA = EntitySpec(
 )
 
 
-def _check_mailbox(values: dict[str, str | None]) -> str | None:
-    kind = values["mailbox_type"] or None
+_MAILBOX_FIELDS = (
+    ("address", "Adresse BAL"), ("mailbox_type", "Type de BAL"), ("id_type", "Type Identifiant PP"),
+    ("id_pp", "Identifiant PP"), ("id_nat_ps", "Identification nationale PP"),
+    ("structure_id_type", "Type identifiant structure"), ("structure_id", "Identification Structure"),
+    ("service", "Service de rattachement"), ("civility", "Civilité d'exercice"),
+    ("last_name", "Nom d'exercice"), ("first_name", "Prénom d'exercice"),
+    ("category_code", "Catégorie profession"), ("category", "Libellé de catégorie profession"),
+    ("profession_code", "Code Profession"), ("profession", "Libellé Profession"),
+    ("know_how_code", "Code savoir-faire"), ("know_how", "Libellé savoir-faire"),
+    ("dematerialisation", "Dématérialisation"), ("structure_name", "Raison Sociale structure BAL"),
+    ("structure_trade_name", "Enseigne commerciale structure BAL"),
+    ("address_line2", "L2COMPLEMENTLOCALISATION"), ("address_line3", "L3COMPLEMENTDISTRIBUTION"),
+    ("street_number", "L4NUMEROVOIE"), ("street_number_complement", "L4COMPLEMENTNUMEROVOIE"),
+    ("street_type", "NL4TYPEVOIE"), ("street", "L4LIBELLEVOIE"), ("locality", "L5LIEUDITMENTION"),
+    ("routing_line", "L6LIGNEACHEMINEMENT"), ("postal_code", "Code postal"), ("department", "Département"),
+    ("country", "Pays"),
+)
+_MAILBOX_TYPE = [c for c, _ in _MAILBOX_FIELDS].index("mailbox_type")
+_MAILBOX_OWNER = [c for c, _ in _MAILBOX_FIELDS].index("id_nat_ps")
+
+
+def _check_mailbox(values: Values) -> str | None:
+    """Why a mailbox row (its fields in `_MAILBOX_FIELDS` order) is unusable, or None. By position: it runs for
+    every line of the MSSanté extract."""
+    kind = values[_MAILBOX_TYPE] or None
     if kind not in MAILBOX_TYPES:
         return f"unknown mailbox type {kind!r}"
-    if kind in ("PER", "CAB") and not values["id_nat_ps"]:
+    if kind in ("PER", "CAB") and not values[_MAILBOX_OWNER]:
         return f"a {kind} mailbox without 'Identification nationale PP'"
     return None
 
@@ -266,24 +288,7 @@ MAILBOX = EntitySpec(
     name="mailboxes", table=Mailbox.__table__, key_column="address_key",  # type: ignore[arg-type]
     key_header="Adresse BAL", normalise_key=address_key, validate=_check_mailbox, per_line=True,
     needed=("Type de BAL", "Identification nationale PP", "Identification Structure"),
-    fields=(
-        ("address", "Adresse BAL"), ("mailbox_type", "Type de BAL"), ("id_type", "Type Identifiant PP"),
-        ("id_pp", "Identifiant PP"), ("id_nat_ps", "Identification nationale PP"),
-        ("structure_id_type", "Type identifiant structure"), ("structure_id", "Identification Structure"),
-        ("service", "Service de rattachement"), ("civility", "Civilité d'exercice"),
-        ("last_name", "Nom d'exercice"), ("first_name", "Prénom d'exercice"),
-        ("category_code", "Catégorie profession"), ("category", "Libellé de catégorie profession"),
-        ("profession_code", "Code Profession"), ("profession", "Libellé Profession"),
-        ("know_how_code", "Code savoir-faire"), ("know_how", "Libellé savoir-faire"),
-        ("dematerialisation", "Dématérialisation"), ("structure_name", "Raison Sociale structure BAL"),
-        ("structure_trade_name", "Enseigne commerciale structure BAL"),
-        ("address_line2", "L2COMPLEMENTLOCALISATION"), ("address_line3", "L3COMPLEMENTDISTRIBUTION"),
-        ("street_number", "L4NUMEROVOIE"), ("street_number_complement", "L4COMPLEMENTNUMEROVOIE"),
-        ("street_type", "NL4TYPEVOIE"), ("street", "L4LIBELLEVOIE"), ("locality", "L5LIEUDITMENTION"),
-        ("routing_line", "L6LIGNEACHEMINEMENT"), ("postal_code", "Code postal"), ("department", "Département"),
-        ("country", "Pays"),
-    ),
-    constants=(("liste_rouge", False), ("source", "extract")),
+    fields=_MAILBOX_FIELDS, constants=(("liste_rouge", False), ("source", "extract")),
 )
 
 SPECS: dict[ExtractKind, tuple[EntitySpec, ...]] = {

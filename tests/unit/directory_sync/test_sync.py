@@ -143,15 +143,19 @@ def test_malformed_rows_are_reported_and_the_rest_syncs(engine: Engine, tmp_path
     kind, _address, rest = lines[20].split("|", 2)
     lines[20] = f"{kind}|pas-une-adresse|{rest}"
     lines[30] = "PER|a@b.fr|8\n"
+    ownerless = lines[40].split("|")
+    ownerless[0], ownerless[4] = "CAB", ""  # Identification nationale PP
+    lines[40] = "|".join(ownerless)
     (report,) = import_paths(engine, [write_extract(tmp_path / "m.txt", lines)])
     reasons = {m.line: m.reason for m in report.malformed}
     assert reasons == {
         11: "unknown mailbox type 'XYZ'",
         21: "invalid 'Adresse BAL': 'pas-une-adresse'",
         31: "3 fields where the header has 31",
+        41: "a CAB mailbox without 'Identification nationale PP'",
     }
-    assert report.rows_read == 47
-    assert _count(engine, Mailbox) == 47
+    assert report.rows_read == 46
+    assert _count(engine, Mailbox) == 46
 
 
 def test_duplicate_addresses_keep_the_first_row(engine: Engine, tmp_path: Path) -> None:
