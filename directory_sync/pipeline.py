@@ -253,6 +253,17 @@ def side_tables(entities: list[BoundEntity], mode: str) -> list[tuple[str, tuple
     return [*((f"stage_{i}", STAGE_COLUMNS) for i in range(len(entities))), ("raws", ("line", "raw"))]
 
 
+def prepare_sides(sides: list[Path], entities: list[BoundEntity]) -> None:
+    """Create the tables of every mode in each scratch file, before the importing process attaches them and
+    the worker is forked. Their schema then never changes while the worker writes: a schema that changed
+    would make SQLite read again every attached file, one the worker is writing included."""
+    tables = dict(side_tables(entities, "load") + side_tables(entities, "stage"))
+    for side in sides:
+        with contextlib.closing(sqlite3.connect(side, isolation_level=None)) as db:
+            for name, columns in tables.items():
+                db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
+
+
 def _side_inserts(entities: list[BoundEntity], mode: str) -> list[str]:
     """The inserts into `side_tables`: loading, the fields' '' become NULL here, in the worker, rather than
     in the copy into the directory, which the importing process runs."""
@@ -265,10 +276,9 @@ class Extraction:
     """The lines of one extract in `mode`: all read here, or (`sides`, empty scratch SQLite files, and `split`)
     the part before `split` read here and the rest by a worker into `sides`, one segment after the other.
 
-    `chunks()` gives this process's rows; then `segments()` the worker's segments as they are complete, and
-    `offset` says how to number their lines; then `finish()` adds the worker's counts; `close()` stops a
-    worker still running (an error here).
-    """
+    `start()` forks the worker; `chunks()` gives this process's rows; then `segments()` the worker's segments
+    as they are complete, and `offset` says how to number their lines; then `finish()` adds the worker's
+    counts; `close()` stops a worker still running (an error here)."""
 
     def __init__(self, reader: ExtractReader, entities: list[BoundEntity], mode: str, *,
                  known: KnownLines | None = None, sides: list[Path] | None = None, split: int | None = None) -> None:
@@ -284,11 +294,9 @@ class Extraction:
         self._complete = 0
         self._result: tuple[ReadStats, bytearray | None] | None = None
 
-    def chunks(self) -> Iterator[Chunk]:
-        """This process's chunks; `bytes_read` counts the worker's progress too."""
-        extractor = LineExtractor(self.reader, self.entities)
+    def start(self) -> None:
+        """Fork the worker, when the file is split."""
         if self.sides is None:
-            yield from extractor.chunks(self.mode, self.known)
             return
         # fork: the worker starts at once, imports nothing and runs no main module again; it only reads
         # the file and writes its scratch files and the pipe (no lock, connection or thread of this
@@ -299,6 +307,13 @@ class Extraction:
                                    args=(self.reader.source, self.mode, self.known, self.sides, self.split, send))
         self._worker.start()
         send.close()
+
+    def chunks(self) -> Iterator[Chunk]:
+        """This process's chunks; `bytes_read` counts the worker's progress too."""
+        extractor = LineExtractor(self.reader, self.entities)
+        if self._receive is None:
+            yield from extractor.chunks(self.mode, self.known)
+            return
         for chunk in extractor.chunks(self.mode, self.known, stop=self.split):
             while self._result is None and self._receive.poll():
                 self._take(self._receive.recv_bytes())
@@ -313,7 +328,7 @@ class Extraction:
     def segments(self, progress: Callable[[int], None] | None = None) -> Iterator[Path]:
         """The worker's scratch files in order, each once it is complete (none without a worker), reporting
         the bytes done in all while waiting."""
-        if self.sides is None:
+        if self.sides is None or self._receive is None:
             return
         here = self.reader.stats.bytes_read
         for i, side in enumerate(self.sides):
@@ -381,14 +396,14 @@ def _work(source: ExtractSource, mode: str, known: KnownLines | None, sides: lis
     try:
         with gc_paused(), ExtractReader(source) as reader:
             entities = [spec.bind(reader) for spec in SPECS[reader.kind]]
-            tables, inserts = side_tables(entities, mode), _side_inserts(entities, mode)
+            inserts = _side_inserts(entities, mode)
             reader.skip_to(split)
             base = reader.stats.bytes_read  # the importing process reads up to here
             last = len(sides) - 1
             ends = [base + (reader.source.size - base) * (i + 1) // len(sides) for i in range(last)]
             chunks = LineExtractor(reader, entities).chunks(mode, known)
             for i, side in enumerate(sides):
-                with _segment(side, tables, inserts) as write:
+                with _segment(side, inserts) as write:
                     for chunk in chunks:
                         write(chunk)
                         send(b"P" + (reader.stats.bytes_read - base).to_bytes(8, "big"))
@@ -406,10 +421,9 @@ def _work(source: ExtractSource, mode: str, known: KnownLines | None, sides: lis
 
 
 @contextlib.contextmanager
-def _segment(side: Path, tables: list[tuple[str, tuple[str, ...]]],
-             inserts: list[str]) -> Iterator[Callable[[Chunk], None]]:
-    """One scratch file of the worker, its tables created: `write(chunk)` adds a chunk's rows (the last table
-    takes the new lines); complete and closed on leaving."""
+def _segment(side: Path, inserts: list[str]) -> Iterator[Callable[[Chunk], None]]:
+    """One scratch file of the worker (its tables made by `prepare_sides`): `write(chunk)` adds a chunk's rows
+    (the last insert takes the new lines); complete and closed on leaving."""
     # Without locks (vfs unix-none): this process inherited, by the fork, SQLite's record of the locks the
     # importing process holds on these very files (attached there), and would wait for them; the importing
     # process reads a file only once told that it is complete.
@@ -419,8 +433,6 @@ def _segment(side: Path, tables: list[tuple[str, tuple[str, ...]]],
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
         db.execute("BEGIN")
-        for name, columns in tables:
-            db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
 
         def write(chunk: Chunk) -> None:
             for sql, rows in zip(inserts, chunk.rows):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from directory_sync import pipeline
+from directory_sync import pipeline, sync
 from directory_sync.errors import ArchiveRefused
 from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun
 from directory_sync.pipeline import CHUNK_LINES
@@ -161,3 +161,76 @@ def _watching(finish, modes: list[int]):  # type: ignore[no-untyped-def]
         modes.extend(side.stat().st_mode & 0o777 for side in self.sides)
         return finish(self)
     return watched
+
+
+def _reading_ahead(monkeypatch: pytest.MonkeyPatch, then=None):  # type: ignore[no-untyped-def]
+    """Record the sources whose sync took an extraction read ahead; `then()` runs as it takes it (the sync
+    before is committed, this one has not begun)."""
+    taken: list[str] = []
+    take = sync._Ahead.take
+
+    def watched(self, source):  # type: ignore[no-untyped-def]
+        early = take(self, source)
+        if early is not None:
+            taken.append(source.name)
+            if then is not None:
+                then()
+        return early
+
+    monkeypatch.setattr(sync._Ahead, "take", watched)
+    return taken
+
+
+def test_the_next_extract_read_ahead_into_empty_tables_loads_what_it_loads_alone(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the first file's indexes are built, a worker reads the whole second one (other tables, empty);
+    the second sync takes its scratch files: same directory, same counts and line numbers of the malformed
+    lines. Neither a second file of the same kind (the tables the first one fills) nor one larger than
+    AHEAD_MAX_SHARE of the first is read ahead."""
+    pa = write_extract(tmp_path / "pa.txt", _damaged(list(personne_activite_lines(8 * CHUNK_LINES))))
+    mss = write_extract(tmp_path / "mss.txt", _damaged(list(mssante_lines(CHUNK_LINES + 600))))
+    assert mss.stat().st_size < sync.AHEAD_MAX_SHARE * pa.stat().st_size
+    alone = [import_paths(engine, [path], parallel=False)[0] for path in (pa, mss)]
+    expected = _dump(engine)
+    _wipe(engine)
+    taken = _reading_ahead(monkeypatch)
+    reports = import_paths(engine, [pa, mss], parallel=True)
+    assert taken == [str(mss)]
+    assert _dump(engine) == expected
+    assert [(r.method, r.rows_read, r.malformed) for r in reports] == [
+        (r.method, r.rows_read, r.malformed) for r in alone]
+    _wipe(engine)
+    taken.clear()
+    import_paths(engine, [pa, pa], parallel=True)
+    assert taken == []
+    assert _dump(engine)["Activity"] == expected["Activity"]
+    _wipe(engine)
+    import_paths(engine, [mss, pa], parallel=True)
+    assert taken == []
+    assert _dump(engine) == expected
+
+
+def test_an_extract_read_ahead_whose_tables_were_filled_meanwhile_is_read_again(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another writer fills the second file's tables after its read ahead began (between the two syncs): its
+    sync compares instead of loading, without the worker's scratch files (stopped), and ends with the file's
+    content."""
+    pa = write_extract(tmp_path / "pa.txt", list(personne_activite_lines(8 * CHUNK_LINES)))
+    mss = write_extract(tmp_path / "mss.txt", list(mssante_lines(CHUNK_LINES + 300)))
+    import_paths(engine, [pa, mss], parallel=False)
+    expected = _dump(engine)
+    _wipe(engine)
+
+    def another_writer() -> None:
+        with engine.begin() as conn:
+            conn.execute(Mailbox.__table__.insert().values(  # type: ignore[attr-defined]
+                address_key="autre@exemple.mssante.fr", address="autre@exemple.mssante.fr", mailbox_type="ORG",
+                liste_rouge=False, source="extract", row_hash=0))
+
+    taken = _reading_ahead(monkeypatch, another_writer)
+    reports = import_paths(engine, [pa, mss], parallel=True, force=True)
+    assert taken == [str(mss)]
+    assert reports[1].method == "compare"
+    assert _dump(engine) == expected
