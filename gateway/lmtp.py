@@ -244,7 +244,7 @@ class LmtpSession:
         session = self._session
         endpoint = session.endpoint
         self.reusable = False
-        eight_bit = self._eight_bit and any(b > 0x7F for b in payload)
+        eight_bit = self._eight_bit and not payload.isascii()
         mail = await session.command(f"MAIL FROM:<{sender}>" + (" BODY=8BITMIME" if eight_bit else ""))
         if not mail.ok:
             return {rcpt: mail for rcpt in unique}
