@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, inspect, text
 
-from directory_sync.database import VERSION_TABLE, downgrade, make_engine, migrate
+from directory_sync.database import PAGE_SIZE, VERSION_TABLE, downgrade, make_engine, migrate
 from directory_sync.models import Base
 
 
@@ -33,6 +34,20 @@ def test_downgrade_then_upgrade_on_a_fresh_sqlite(tmp_path: Path) -> None:
     assert "dir_mailbox" in inspect(eng).get_table_names()
     with eng.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+        assert conn.execute(text("PRAGMA page_size")).scalar_one() == PAGE_SIZE
+    eng.dispose()
+
+
+def test_an_existing_sqlite_database_keeps_its_page_size(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute("PRAGMA journal_mode=WAL")
+        old.execute("CREATE TABLE kept (x)")
+    eng = make_engine(f"sqlite:///{path}")
+    migrate(eng)
+    with eng.connect() as conn:
+        assert conn.execute(text("PRAGMA page_size")).scalar_one() == 4096
+        assert conn.execute(text("SELECT count(*) FROM dir_mailbox")).scalar_one() == 0
     eng.dispose()
 
 
