@@ -65,7 +65,8 @@ def _null(value: None) -> None:
 PAGE_SIZE = 16384
 """The page size of a new SQLite directory: a full import of the national extracts costs the importing process
 5-10 % less CPU than with SQLite's 4096 (fewer pages to split, log and index), lookups and re-imports no more.
-It only applies while the file is empty; an existing database keeps its own."""
+It only applies while the file is empty: an existing database keeps its own, as does one the gateway created
+first (gateway/db.py leaves SQLite's default to its own small, frequent writes)."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
