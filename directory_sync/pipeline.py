@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import gc
 import hashlib
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -74,6 +75,7 @@ class Chunk:
 _BUCKET_BITS = 16
 _BUCKET_SHIFT = 64 - _BUCKET_BITS
 _BUCKET_OFFSET = 1 << (_BUCKET_BITS - 1)
+_FLIPPED = bytes.maketrans(b"\x00\x01", b"\x01\x00")
 
 
 class KnownLines:
@@ -88,6 +90,16 @@ class KnownLines:
         self.present = bytearray(len(hashes))
         self._starts = array("q", [bisect.bisect_left(hashes, (b - _BUCKET_OFFSET) << _BUCKET_SHIFT)
                                    for b in range((1 << _BUCKET_BITS) + 1)])
+
+    def absent(self) -> Iterator[int]:
+        """The hashes of the last file's lines not marked present, in C (there are millions of flags)."""
+        return itertools.compress(self.hashes, self.present.translate(_FLIPPED))
+
+    def add_marks(self, present: bytearray) -> None:
+        """Count as present too what another reader marked in its copy of `present` (the worker, by the fork):
+        the flags are 0 or 1, so an OR of the two arrays as integers, in C."""
+        ours, theirs = int.from_bytes(self.present, "little"), int.from_bytes(present, "little")
+        self.present = bytearray((ours | theirs).to_bytes(len(self.present), "little"))
 
     def mark(self, h: int) -> bool:
         """Whether a line of hash `h` was in the last file (then marked as still present)."""
@@ -354,7 +366,7 @@ class Extraction:
         stats.malformed += [MalformedRow(m.line + offset, m.reason) for m in theirs.malformed[:max(room, 0)]]
         stats.bytes_read += theirs.bytes_read
         if self.known is not None and present is not None:
-            self.known.present = bytearray(map(max, self.known.present, present))
+            self.known.add_marks(present)
         self.close()
 
     def _receive_message(self) -> bytes:

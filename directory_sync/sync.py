@@ -495,17 +495,13 @@ class _Run:
                              f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
         self._extract(conn, "compare", "lines", stage, raws, known)
-        prev, present = known.hashes, known.present
-        del known
 
         # The rows whose line disappeared, and the keys they name: candidates for deletion.
         removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)}) "
                                 f"ON CONFLICT (h) DO NOTHING")
-        for h, seen_now in zip(prev, present):
-            if not seen_now:
-                removed.add((h,))
+        removed.add_many(list(zip(known.absent())))
         removed.flush()
-        del prev, present
+        del known
         refs = [e.spec.key_column for e in self.entities[:-1]]  # columns of the line entity's table
         cols = ", ".join(f"t.{c}" for c in (*refs, key))
         fed = conn.exec_driver_sql(f"SELECT {cols} FROM dir_stage_removed r JOIN {table} t ON t.line_hash = r.h").all()

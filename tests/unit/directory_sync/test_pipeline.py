@@ -9,6 +9,7 @@ import itertools
 import os
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,15 @@ def test_an_extract_read_ahead_whose_tables_were_filled_meanwhile_is_read_again(
     assert taken == [str(mss)]
     assert reports[1].method == "compare"
     assert _dump(engine) == expected
+
+
+def test_known_lines_say_which_lines_are_gone_once_both_readers_marked_theirs() -> None:
+    """A re-import's two readers each mark the last file's lines they find (the worker in its copy, by the
+    fork); the lines neither found are gone, a repeated line counting once for all its copies."""
+    hashes = array("q", sorted([-(1 << 63), -5, -5, 0, 7, 7, 7, 42, (1 << 63) - 1]))
+    ours, theirs = pipeline.KnownLines(hashes), pipeline.KnownLines(hashes)
+    assert ours.mark(-5) and ours.mark(42) and not ours.mark(8)
+    assert theirs.mark(7) and theirs.mark(-(1 << 63))
+    ours.add_marks(theirs.present)
+    assert list(ours.absent()) == [0, (1 << 63) - 1]
+    assert list(pipeline.KnownLines(array("q")).absent()) == []
