@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import sqlite3
+import struct
 import urllib.parse
 from array import array
 from collections.abc import Callable, Iterator
@@ -116,9 +117,18 @@ class KnownLines:
         return True
 
 
+_LINE_HASH = hashlib.blake2b(digest_size=8)
+"""Copied for each line: a copy costs less than a new hash object, whose parameters are parsed each time."""
+_SIGNED = struct.Struct(">q").unpack
+
+
 def line_hash(raw: bytes) -> int:
-    """64-bit hash of one raw line (without its line end): the unit a re-import compares."""
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+    """64-bit hash of one raw line (without its line end): the unit a re-import compares. Its BLAKE2b-64
+    digest, read as a signed big-endian integer (a BIGINT column)."""
+    digest = _LINE_HASH.copy()
+    digest.update(raw)
+    value: int = _SIGNED(digest.digest())[0]
+    return value
 
 
 @contextlib.contextmanager
@@ -191,13 +201,15 @@ class LineExtractor:
         plan = [(e.extract, e.key_position or 0, s.has if s is not None else None) for e, s in zip(self.entities, seen)]
         tracked = [(i, s.add) for i, s in enumerate(seen) if s is not None]
         mark = known.mark if known is not None else None
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        new_hash, signed = _LINE_HASH.copy, _SIGNED
         rows: list[list[tuple[Any, ...]]] = [[] for _ in self.entities]
         adds = [r.append for r in rows]
         raws: list[tuple[int, bytes]] = []
         count = 0
         for line_no, raw in reader.lines(stop=stop):
-            h = from_bytes(blake2b(raw, digest_size=8).digest(), "big", signed=True)  # line_hash(raw), inlined
+            digest = new_hash()  # line_hash(raw), inlined
+            digest.update(raw)
+            h = signed(digest.digest())[0]
             if mark is not None:
                 count += 1
                 if count >= CHUNK_LINES:

@@ -5,6 +5,7 @@ These tests force the worker on small files (`parallel=True`); the other sync te
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import tempfile
@@ -17,6 +18,7 @@ from sqlalchemy import Engine, select
 
 from directory_sync import pipeline, sync
 from directory_sync.errors import ArchiveRefused
+from directory_sync.mapping import content_digest, hash64
 from directory_sync.models import Activity, Mailbox, Practitioner, Structure, SyncRun
 from directory_sync.pipeline import CHUNK_LINES
 from directory_sync.sync import SCRATCH_PREFIX, import_paths
@@ -247,3 +249,17 @@ def test_known_lines_say_which_lines_are_gone_once_both_readers_marked_theirs() 
     ours.add_marks(theirs.present)
     assert list(ours.absent()) == [0, (1 << 63) - 1]
     assert list(pipeline.KnownLines(array("q")).absent()) == []
+
+
+@pytest.mark.parametrize("raw", [b"", "8|10000000017|810000000017|MME|LAMBERT|LÉA|".encode(), bytes(range(256)) * 5])
+def test_the_hashes_kept_on_rows_stay_the_blake2b_values_already_stored(raw: bytes) -> None:
+    """A re-import compares the hashes of a new file with those an earlier import stored: the line hash is
+    BLAKE2b-64 as a signed big-endian integer, the row hash the first 8 bytes of BLAKE2b-128 of the fields
+    joined by US, however they are computed."""
+    assert pipeline.line_hash(raw) == int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+    values = (raw.decode("utf-8", "replace"), None, "LÉA")
+    expected = hashlib.blake2b("\x1f".join(v or "" for v in values).encode(), digest_size=16).digest()
+    assert content_digest(values) == expected
+    assert hash64(expected) == int.from_bytes(expected[:8], "big", signed=True)
+    assert pipeline.line_hash("8|10000000017|810000000017|MME|LAMBERT|LÉA|".encode()) == -7638856576720433435
+    assert hash64(content_digest(("810000000017", None, "LÉA"))) == 7323750267518492476
