@@ -297,8 +297,9 @@ def _side_inserts(entities: list[BoundEntity], mode: str) -> list[str]:
 
 
 class Extraction:
-    """The lines of one extract in `mode`: all read here, or (`sides`, empty scratch SQLite files, and `split`)
-    the part before `split` read here and the rest by a worker into `sides`, one segment after the other.
+    """The lines of one extract in `mode`: all read here, or (`sides`, scratch SQLite files with their tables and
+    no rows, see `prepare_sides`, and `split`) the part before `split` read here and the rest by a worker into
+    `sides`, one segment after the other.
 
     `start()` forks the worker; `chunks()` gives this process's rows; then `segments()` the worker's segments
     as they are complete, and `offset` says how to number their lines; then `finish()` adds the worker's
