@@ -90,11 +90,15 @@ class EntitySpec:
         line = ("line_hash",) if self.per_line else ()
         return (self.key_column, *(c for c, _ in self.fields), *(c for c, _ in self.constants), "row_hash", *line)
 
-    def values_sql(self) -> str:
-        """SQLite's VALUES of `extract`'s parameters (numbered), a field's '' stored as NULL. A CASE costs SQLite
-        less than NULLIF (a function call), which costs it less than binding None from Python."""
-        return ", ".join(f"CASE WHEN ?{n} <> '' THEN ?{n} END" if 1 < n <= len(self.fields) + 1 else f"?{n}"
-                         for n in range(1, len(self.columns) + 1))
+    def values_sql(self, paramstyle: str = "qmark") -> str:
+        """The VALUES of `extract`'s parameters, a field's '' stored as NULL. With numbered parameters (SQLite's
+        qmark) a CASE, which costs SQLite less than NULLIF (a function call), which costs it less than binding
+        None from Python; with PostgreSQL's %s, which cannot name a parameter twice, NULLIF."""
+        fields = range(2, len(self.fields) + 2)  # after the key, 1-based
+        if paramstyle == "qmark":
+            return ", ".join(f"CASE WHEN ?{n} <> '' THEN ?{n} END" if n in fields else f"?{n}"
+                             for n in range(1, len(self.columns) + 1))
+        return ", ".join("NULLIF(%s, '')" if n in fields else "%s" for n in range(1, len(self.columns) + 1))
 
     def bind(self, reader: ExtractReader) -> BoundEntity:
         key = () if self.key_header is None else (self.key_header,)

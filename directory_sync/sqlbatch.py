@@ -106,13 +106,7 @@ def insert_sql(conn: Connection, entity: BoundEntity, *, update: bool) -> str:
     """The insert of `entity.extract`'s parameters; an empty field is stored as NULL."""
     cols = entity.spec.columns
     key = entity.spec.key_column
-    if conn.dialect.paramstyle == "qmark":
-        values = entity.spec.values_sql()
-    else:  # no numbered parameters to compare and use the same one
-        mark = marks(conn, 1)
-        values = ", ".join(mark if i == 0 or i > len(entity.spec.fields) else f"NULLIF({mark}, '')"
-                           for i in range(len(cols)))
-    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({values}) "
+    sql = f"INSERT INTO {entity.table.name} ({', '.join(cols)}) VALUES ({entity.spec.values_sql(conn.dialect.paramstyle)}) "
     if not update:
         return sql + f"ON CONFLICT ({key}) DO NOTHING"
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key)
