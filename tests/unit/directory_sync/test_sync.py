@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Connection, Engine, delete, func, select
 
+from directory_sync import sync
 from directory_sync.errors import DeletionBrake, MissingColumns
 from directory_sync.extracts import ExtractKind, sources
 from directory_sync.mapping import SPECS
@@ -307,3 +309,34 @@ def test_rows_without_their_line_hash_are_compared_once_then_resynced_by_line(en
         assert conn.execute(select(func.count()).where(Activity.line_hash.is_(None))).scalar_one() == 0
     (again,) = import_paths(engine, [path])
     assert again.method == "lines" and not again.changed
+
+
+def test_an_import_checkpoints_after_each_extract_in_a_thread_and_leaves_nothing_to_copy(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLite: the import's transactions run no checkpoint of their own (the WAL keeps their pages), a thread
+    copies each extract's pages once it is committed, and the import returns with all of them copied and its
+    connections back to SQLite's own setting. Nothing of the kind on PostgreSQL."""
+    pa = write_extract(tmp_path / "pa.txt", personne_activite_lines(3000))
+    mss = write_extract(tmp_path / "mss.txt", mssante_lines(1000))
+    during: list[int] = []
+    original = sync._Run.bulk_load
+
+    def bulk_load(run: sync._Run, conn: Connection) -> None:
+        if conn.dialect.name == "sqlite":
+            during.append(conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one())
+        original(run, conn)
+
+    monkeypatch.setattr(sync._Run, "bulk_load", bulk_load)
+    caplog.set_level(logging.DEBUG, logger="directory_sync.sync")
+    import_paths(engine, [pa, mss])
+    checkpoints = [r.args for r in caplog.records if r.getMessage().startswith("directory checkpoint")]
+    if engine.dialect.name != "sqlite":
+        assert checkpoints == []
+        return
+    assert during == [0, 0]
+    assert len(checkpoints) == 2
+    for copied, logged, busy in checkpoints:  # nothing else reads: every page copied
+        assert copied == logged > 0 and not busy
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 1000
