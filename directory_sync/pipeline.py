@@ -53,6 +53,9 @@ the directory's indexed tables, then copies the worker's: the worker takes more 
 SEGMENTS = 6
 """Scratch files the worker fills one after the other: the more, the less copying is left once it ends (SQLite
 attaches at most 10 databases to a connection)."""
+SIDE_PAGE_SIZE = 65536
+"""The page size of the scratch files, SQLite's largest: the worker appends rows and never updates one, so the fewer
+pages to fill and write the better (about 12 % less CPU writing them than with 4096, 2 % less than with 16384)."""
 STAGE_COLUMNS = ("k", "h", "line")
 """A staged row: key, content hash, line number."""
 
@@ -199,7 +202,7 @@ class LineExtractor:
         seen = [SeenKeys() if e.key_position is not None and not by_line else None for e in self.entities]
         # Per entity: its extractor; and when its keys are tracked, where its key stands and the tracker.
         plan = [(e.extract, e.key_position or 0, s.has if s is not None else None) for e, s in zip(self.entities, seen)]
-        tracked = [(i, s.add) for i, s in enumerate(seen) if s is not None]
+        add_keys = [s.add if s is not None else None for s in seen]
         mark = known.mark if known is not None else None
         new_hash, signed = _LINE_HASH.copy, _SIGNED
         rows: list[list[tuple[Any, ...]]] = [[] for _ in self.entities]
@@ -231,21 +234,15 @@ class LineExtractor:
                 stats.rows -= 1
                 reject(line_no, exc.reason)
                 continue
-            for i, add_key in tracked:  # only once the whole line is accepted
-                item = items[i]
+            # The whole line is accepted: its rows, and the keys they bring.
+            for item, add, add_key in zip(items, adds, add_keys):
                 if item is not None:
-                    add_key(item[0])
-            if staged:
-                for add, item in zip(adds, items):
-                    if item is not None:
-                        add((item[0], item[1], line_no))
-                if by_line:
-                    raws.append((line_no, raw))
-                    continue
-            else:
-                for add, item in zip(adds, items):
-                    if item is not None:
-                        add(item[2])
+                    add(item[2] if not staged else (item[0], item[1], line_no))
+                    if add_key is not None:
+                        add_key(item[0])
+            if by_line:
+                raws.append((line_no, raw))
+                continue
             count += 1
             if count >= CHUNK_LINES:
                 yield Chunk(stats.bytes_read, rows)
@@ -284,6 +281,7 @@ def prepare_sides(sides: list[Path], entities: list[BoundEntity]) -> None:
     tables = dict(side_tables(entities, "load") + side_tables(entities, "stage"))
     for side in sides:
         with contextlib.closing(sqlite3.connect(side, isolation_level=None)) as db:
+            db.execute(f"PRAGMA page_size={SIDE_PAGE_SIZE}")
             for name, columns in tables.items():
                 db.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
 
