@@ -13,7 +13,8 @@ Why this shape:
   indexes are built once at the end. A key already inserted in this run (a structure shared
   by many lines) is not extracted again. While those indexes are built and the commit is
   written (one core's work), the next extract of the same import, when it too goes into
-  empty tables, is read ahead by a worker (`_Ahead`).
+  empty tables, is read ahead by a worker (`_Ahead`); so is it, by line, while a re-import
+  applies its changes.
 - The daily file differs from yesterday's in a few lines, so a re-import works by line: each
   line's hash is kept on the row it fed (the line entity's: an activity names the
   practitioner and the structure its line fed); a re-import hashes each raw line, parses only
@@ -27,6 +28,9 @@ Why this shape:
   or `full_compare`), every line's keys and content hashes are compared in SQL.
 - A truncated download must not wipe the directory: the deletion brake refuses a run that
   would delete more than `max_delete_share` (default 10 %) of a table unless forced.
+- On SQLite, the copy of an extract's committed pages from the WAL into the database file
+  (a checkpoint: seconds after a full load) runs in a process of its own while the next
+  extract syncs (`_Checkpoints`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import datetime as dt
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -146,7 +151,8 @@ def import_paths(
     one transaction per extract."""
     found = [source for path in paths for source in sources(path, zip_limits)]
     reports = []
-    with contextlib.closing(_Ahead(engine, parallel)) as ahead, _Checkpoints(engine) as checkpoints:
+    ahead = _Ahead(engine, parallel, full_compare)
+    with contextlib.closing(ahead), _Checkpoints(engine, len(found)) as checkpoints:
         for i, source in enumerate(found):
             ahead.following = found[i + 1] if i + 1 < len(found) else None
             reports.append(sync_source(engine, source, max_delete_share=max_delete_share, force=force,
@@ -156,27 +162,53 @@ def import_paths(
     return reports
 
 
+_CHECKPOINTER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30)
+for _ in sys.stdin:
+    print(*db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), flush=True)
+"""
+"""The checkpoint process: for each line it reads, a checkpoint, and SQLite's answer (busy, pages logged, pages
+copied) on a line."""
+
+
 class _Checkpoints:
-    """SQLite: the WAL checkpoint after each extract's commit, run by a thread while the next extract syncs.
+    """SQLite, an import of several extracts: the WAL checkpoint after each extract's commit, run by a process of
+    its own while the next extract syncs.
 
     A commit in WAL mode leaves the changed pages in the log, and SQLite copies them into the database file (a
     checkpoint) in the committing connection once the log is past 1000 pages: after a full load of the national
     file, about a gigabyte, seconds of writing and syncing with one core idle. Here the import's transactions
-    run none (`wal_autocheckpoint` 0 on their connection, `paused`) and a thread checkpoints on a connection of
-    its own (`start`) beside the next extract's sync: a checkpoint copies only committed pages and takes no
-    writer's lock. The import returns once the last one is done, so it leaves what an import with SQLite's own
-    checkpoints leaves. Nothing to do on PostgreSQL or an in-memory database."""
+    run none (`wal_autocheckpoint` 0 on their connection, `paused`), and after each commit a checkpoint process
+    started with the import (a new interpreter, small) checkpoints (`start`) beside the next extract's sync: a
+    checkpoint copies only committed pages and takes no writer's lock. A process, not a thread: the sync forks
+    its workers, and a fork while a thread is inside SQLite could leave one of SQLite's locks held forever in the
+    worker. Once the last extract is synced, this process checkpoints what is left (nothing, unless the
+    checkpoint process ended early), so the import leaves what an import with SQLite's own checkpoints leaves.
+    Nothing to do for a single extract (no next extract to overlap), on PostgreSQL or in an in-memory
+    database."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, extracts: int) -> None:
         self.engine = engine
         database = engine.url.database if engine.dialect.name == "sqlite" else None
-        self.enabled = bool(database) and database != ":memory:"
-        self._thread: threading.Thread | None = None
+        self.path = Path(database).resolve() if database and database != ":memory:" and extracts > 1 else None
+        self._process: subprocess.Popen[str] | None = None
+        self._asked = False
+
+    def __enter__(self) -> Self:
+        if self.path is not None:
+            try:
+                self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHECKPOINTER, str(self.path)],
+                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            except OSError as exc:  # no interpreter to start (embedded): SQLite's own checkpoints
+                log.warning("no directory checkpoint process (%s): SQLite checkpoints as it commits", exc)
+                self.path = None
+        return self
 
     @contextlib.contextmanager
     def paused(self, driver: Any) -> Iterator[None]:
         """No automatic checkpoint on the DB-API connection `driver` meanwhile; its own setting back after."""
-        if not self.enabled:
+        if self.path is None:
             yield
             return
         (every,) = driver.execute("PRAGMA wal_autocheckpoint").fetchone()
@@ -187,58 +219,80 @@ class _Checkpoints:
             driver.execute(f"PRAGMA wal_autocheckpoint={int(every)}")
 
     def start(self) -> None:
-        """Checkpoint what is committed, in a thread (once the one before it is done)."""
-        if not self.enabled:
-            return
+        """Have the checkpoint process copy what is committed (once the checkpoint before it is done)."""
         self.wait()
-        self._thread = threading.Thread(target=self._checkpoint, name="directory-checkpoint")
-        self._thread.start()
-
-    def _checkpoint(self) -> None:
+        if self._process is None:
+            return
+        assert self._process.stdin is not None
         try:
-            with self.engine.connect() as conn:  # sqlite3 releases the GIL while SQLite copies
-                busy, logged, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-            log.debug("directory checkpoint: %d of %d logged pages copied%s", copied, logged, " (busy)" if busy else "")
-        except Exception:  # nothing is lost: SQLite's next checkpoint copies the same pages
-            log.warning("directory checkpoint failed; SQLite will checkpoint later", exc_info=True)
+            self._process.stdin.write("checkpoint\n")
+            self._process.stdin.flush()
+        except OSError:
+            self._failed()
+            return
+        self._asked = True
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for the checkpoint asked, and say how it went."""
+        if not self._asked or self._process is None:
+            return
+        self._asked = False
+        assert self._process.stdout is not None
+        answer = self._process.stdout.readline().split()  # nothing if it ended
+        if len(answer) != 3:
+            self._failed()
+            return
+        _report(*map(int, answer))
 
-    def __enter__(self) -> Self:
-        return self
+    def _failed(self) -> None:
+        """The checkpoint process ended (its error is on stderr): what it did not copy is copied at the end."""
+        assert self._process is not None
+        log.warning("the directory checkpoint process ended (exit code %s); the import checkpoints at its end",
+                    self._process.wait())
+        self._process = None
 
     def __exit__(self, *exc: object) -> None:
         self.wait()
+        if self._process is not None:
+            self._process.communicate()  # closes its input: it ends
+            self._process = None
+        if self.path is not None:
+            with self.engine.connect() as conn:
+                _report(*conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one())
+
+
+def _report(busy: int, logged: int, copied: int) -> None:
+    log.debug("directory checkpoint: %d of %d logged pages copied%s", copied, logged, " (busy)" if busy else "")
 
 
 AHEAD_MAX_SHARE = 0.25
-"""The largest next extract read ahead, as a share of the one being loaded. Its worker reads the whole file
-while this process builds indexes and commits (about a fifth of the time the parse of the same bytes takes):
-a larger one would leave this process waiting for it instead of reading its own share of the file."""
+"""The largest next extract read ahead, as a share of the one being synced. Its worker reads the whole file
+while this process builds indexes and commits (about a fifth of the time the parse of the same bytes takes),
+or applies a re-import's changes: a larger one would leave this process waiting for it instead of reading its
+own share of the file."""
 
 
 class _Ahead:
     """The next extract of an import read ahead, whole, by a worker (pipeline.py) while the sync before it builds
-    its indexes and writes its commit, which keep one core busy and leave the other idle.
+    its indexes and writes its commit, or applies its changes, which keep one core busy and leave the other idle.
 
-    Only when it goes into empty tables (a first load, the common case of a first import of both national
-    files) that the sync running does not write, for a file large enough to be split anyway but small beside
-    the one running (AHEAD_MAX_SHARE): its sync then takes the worker's scratch files as they are (`take`)
-    instead of reading the file itself."""
+    Only for tables the sync running does not write, for a file large enough to be split anyway but small
+    beside the one running (AHEAD_MAX_SHARE), and only in the two modes its own sync can be sure of beforehand:
+    into empty tables (a first load, the common case of a first import of both national files), or by line
+    against the line hashes of tables that all have them (the daily re-import of both files), unless
+    `full_compare`. Its sync then takes the worker's scratch files as they are (`take`) instead of reading the
+    file itself, if its tables are still as they were (`_Run._extract`: still empty, the same line hashes)."""
 
-    def __init__(self, engine: Engine, parallel: bool | None) -> None:
+    def __init__(self, engine: Engine, parallel: bool | None, full_compare: bool) -> None:
         self.engine = engine
         self.parallel = parallel
+        self.full_compare = full_compare
         self.following: ExtractSource | None = None
         self._early: tuple[ExtractSource, Extraction, contextlib.ExitStack] | None = None
 
     def start(self, running: ExtractSource, busy: list[BoundEntity]) -> None:
         """Start reading the following extract, unless it feeds one of the tables of `busy` (the sync of
-        `running`) or tables that are not empty (a re-import compares; its mode is known only in its own
-        transaction)."""
+        `running`) or tables its sync will compare key by key."""
         source, self.following = self.following, None
         if (source is None or self._early is not None or self.parallel is False
                 or source.size > AHEAD_MAX_SHARE * running.size):
@@ -252,11 +306,15 @@ class _Ahead:
                 stack.close()
                 return
             with self.engine.connect() as conn:  # beside the running sync's: the committed tables
+                known = None
                 if any(count_rows(conn, e.table) for e in entities):
-                    stack.close()
-                    return
+                    if self.full_compare or not _has_line_hashes(conn, entities[-1]):
+                        stack.close()
+                        return
+                    known = KnownLines(load_hashes(conn, entities[-1].table.name))
             sides = stack.enter_context(_scratch_files(self.engine, entities))
-            extraction = Extraction(reader, entities, "load", sides=sides, split=reader.stats.bytes_read)
+            extraction = Extraction(reader, entities, "load" if known is None else "lines", known=known,
+                                    sides=sides, split=reader.stats.bytes_read)
             stack.callback(extraction.close)
             extraction.start()
         except Exception:  # its own sync reads it again and reports what is wrong with it
@@ -450,8 +508,9 @@ class _Run:
         total = self.source.size
         progress = self.progress
         extraction, self.early = self.early, None
-        if extraction is not None and mode != "load":
-            # Read ahead into tables found empty, which another writer has filled since: read here alone.
+        if extraction is not None and (extraction.mode != mode or extraction.known is not known):
+            # Read ahead into tables found empty, or against line hashes, which another writer has changed since:
+            # read here alone.
             extraction.close()
             extraction, self.sides = None, None
         if extraction is None:
@@ -548,7 +607,9 @@ class _Run:
     def line_diff(self, conn: Connection) -> None:
         line = self.entities[-1]
         table, key = line.table.name, line.spec.key_column
-        known = KnownLines(load_hashes(conn, table))
+        hashes = load_hashes(conn, table)
+        early = self.early.known if self.early is not None else None
+        known = early if early is not None and early.hashes == hashes else KnownLines(hashes)
         stage = self._create_stage(conn)
         # The new lines themselves (a few in a daily file): the second pass reads them from here
         # instead of reading the whole file again.
@@ -558,6 +619,8 @@ class _Run:
                              f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
         self._extract(conn, "compare", "lines", stage, raws, known)
+        if self.ahead is not None:
+            self.ahead.start(self.source, self.entities)
 
         # The rows whose line disappeared, and the keys they name: candidates for deletion.
         removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)}) "
@@ -567,7 +630,10 @@ class _Run:
         del known
         refs = [e.spec.key_column for e in self.entities[:-1]]  # columns of the line entity's table
         cols = ", ".join(f"t.{c}" for c in (*refs, key))
-        fed = conn.exec_driver_sql(f"SELECT {cols} FROM dir_stage_removed r JOIN {table} t ON t.line_hash = r.h").all()
+        # CROSS JOIN: SQLite then reads the few removed hashes and looks each up in the line hash index; with a
+        # plain JOIN it scanned the whole table (two million activities) and looked each row's hash up instead.
+        fed = conn.exec_driver_sql(f"SELECT {cols} FROM dir_stage_removed r CROSS JOIN {table} t "
+                                   f"WHERE t.line_hash = r.h").all()
 
         # A row of the line entity goes unless a new line has its key (a changed mailbox); it goes first,
         # so that what is left names the keys the unchanged lines still feed. A key of another entity goes

@@ -239,6 +239,45 @@ def test_an_extract_read_ahead_whose_tables_were_filled_meanwhile_is_read_again(
     assert _dump(engine) == expected
 
 
+def test_the_next_extract_read_ahead_by_line_reimports_what_it_reimports_alone(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daily re-import of both files: while the first file's changes are applied, a worker compares the whole
+    second one with the line hashes its tables have; the second sync takes its scratch files and ends where it
+    ends alone, with the same counts and malformed lines. Another writer that changes those hashes in between
+    (a mailbox more) makes the second sync read its file again, and it still ends with the file's content."""
+    pa = write_extract(tmp_path / "pa.txt", list(personne_activite_lines(8 * CHUNK_LINES)))
+    mss = write_extract(tmp_path / "mss.txt", list(mssante_lines(CHUNK_LINES + 600)))
+    pa2 = write_extract(tmp_path / "pa2.txt", list(personne_activite_lines(8 * CHUNK_LINES, changed_share=0.05)))
+    mss2 = write_extract(tmp_path / "mss2.txt", _damaged(list(mssante_lines(CHUNK_LINES + 600, changed_share=0.05))))
+    import_paths(engine, [pa, mss], parallel=False)
+    alone = [import_paths(engine, [path], parallel=False)[0] for path in (pa2, mss2)]
+    expected = _dump(engine)
+    _wipe(engine)
+    import_paths(engine, [pa, mss], parallel=False)
+    taken = _reading_ahead(monkeypatch)
+    reports = import_paths(engine, [pa2, mss2], parallel=True)
+    assert taken == [str(mss2)]
+    assert _dump(engine) == expected
+    assert [(r.method, r.rows_read, r.malformed, [(t.inserted, t.updated, t.deleted) for t in r.tables])
+            for r in reports] == [(r.method, r.rows_read, r.malformed,
+                                   [(t.inserted, t.updated, t.deleted) for t in r.tables]) for r in alone]
+
+    def another_writer() -> None:
+        with engine.begin() as conn:
+            conn.execute(Mailbox.__table__.insert().values(  # type: ignore[attr-defined]
+                address_key="autre@exemple.mssante.fr", address="autre@exemple.mssante.fr", mailbox_type="ORG",
+                liste_rouge=False, source="extract", row_hash=0, line_hash=1))
+
+    _wipe(engine)
+    import_paths(engine, [pa, mss], parallel=False)
+    taken = _reading_ahead(monkeypatch, another_writer)
+    reports = import_paths(engine, [pa2, mss2], parallel=True, force=True)
+    assert taken == [str(mss2)]
+    assert reports[1].method == "lines"
+    assert _dump(engine) == expected
+
+
 def test_known_lines_say_which_lines_are_gone_once_both_readers_marked_theirs() -> None:
     """A re-import's two readers each mark the last file's lines they find (the worker in its copy, by the
     fork); the lines neither found are gone, a repeated line counting once for all its copies."""

@@ -314,9 +314,10 @@ def test_rows_without_their_line_hash_are_compared_once_then_resynced_by_line(en
 def test_an_import_checkpoints_after_each_extract_in_a_thread_and_leaves_nothing_to_copy(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SQLite: the import's transactions run no checkpoint of their own (the WAL keeps their pages), a thread
-    copies each extract's pages once it is committed, and the import returns with all of them copied and its
-    connections back to SQLite's own setting. Nothing of the kind on PostgreSQL."""
+    """SQLite: the import's transactions run no checkpoint of their own (the WAL keeps their pages), a process
+    copies each extract's pages once it is committed, and the import returns with all of them copied (the last
+    checkpoint, in the importing process, finds nothing left) and its connections back to SQLite's own setting.
+    Nothing of the kind on PostgreSQL."""
     pa = write_extract(tmp_path / "pa.txt", personne_activite_lines(3000))
     mss = write_extract(tmp_path / "mss.txt", mssante_lines(1000))
     during: list[int] = []
@@ -335,8 +336,30 @@ def test_an_import_checkpoints_after_each_extract_in_a_thread_and_leaves_nothing
         assert checkpoints == []
         return
     assert during == [0, 0]
-    assert len(checkpoints) == 2
+    assert len(checkpoints) == 3
     for copied, logged, busy in checkpoints:  # nothing else reads: every page copied
         assert copied == logged > 0 and not busy
+    assert checkpoints[2] == checkpoints[1]  # the pages the process copied: none left
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 1000
+
+
+def test_an_import_whose_checkpoint_process_ends_still_syncs_and_checkpoints_at_its_end(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The checkpoint process ends at once (exit code 3): the import says so, syncs every extract, and copies
+    every page they logged at its end. (PostgreSQL starts none.)"""
+    monkeypatch.setattr(sync, "_CHECKPOINTER", "raise SystemExit(3)")
+    caplog.set_level(logging.DEBUG, logger="directory_sync.sync")
+    pa = write_extract(tmp_path / "pa.txt", personne_activite_lines(300))
+    mss = write_extract(tmp_path / "mss.txt", mssante_lines(100))
+    reports = import_paths(engine, [pa, mss])
+    assert [r.rows_read for r in reports] == [300, 100]
+    assert _count(engine, Mailbox) == 100
+    messages = [r.getMessage() for r in caplog.records]
+    if engine.dialect.name != "sqlite":
+        assert not [m for m in messages if "checkpoint" in m]
+        return
+    assert any("checkpoint process ended (exit code 3)" in m for m in messages)
+    ((copied, logged, busy),) = [r.args for r in caplog.records if r.getMessage().startswith("directory checkpoint")]
+    assert copied == logged > 0 and not busy
