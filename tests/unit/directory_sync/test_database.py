@@ -80,3 +80,14 @@ def test_the_line_snapshot_moves_onto_the_rows_and_back(tmp_path: Path) -> None:
         assert conn.execute(text("SELECT count(*) FROM dir_extract_line")).scalar_one() == 0
         assert conn.execute(text("SELECT address_key FROM dir_mailbox")).all() == [("a@b.fr",)]
     eng.dispose()
+
+
+def test_the_sqlite_pool_hands_out_the_connection_returned_last(tmp_path: Path) -> None:
+    """Each SQLite connection keeps its own page cache: the one returned last, whose cache is warm, is reused
+    (a queue would hand out the oldest idle one and fill a second cache)."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with eng.connect() as first, eng.connect() as second:  # `second` is returned first, `first` last
+        ids = id(first.connection.driver_connection), id(second.connection.driver_connection)
+    with eng.connect() as again:
+        assert id(again.connection.driver_connection) == ids[0]
+    eng.dispose()
