@@ -311,7 +311,7 @@ def test_rows_without_their_line_hash_are_compared_once_then_resynced_by_line(en
     assert again.method == "lines" and not again.changed
 
 
-def test_an_import_checkpoints_after_each_extract_in_a_thread_and_leaves_nothing_to_copy(
+def test_an_import_checkpoints_after_each_extract_in_a_process_and_leaves_nothing_to_copy(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """SQLite: the import's transactions run no checkpoint of their own (the WAL keeps their pages), a process
