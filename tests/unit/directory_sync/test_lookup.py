@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Engine
 
+import directory_sync.lookup as lookup_module
 from directory_sync.certificates import add_certificate
 from directory_sync.errors import InvalidCertificate
 from directory_sync.lookup import DirectoryLookup
@@ -115,7 +119,7 @@ def test_a_bad_certificate_is_refused(engine: Engine) -> None:
 def test_lookup_connections_are_its_own_and_see_each_commit(directory: tuple[Engine, list[list[str]]],
                                                             tmp_path: Path) -> None:
     """The read-only settings of a lookup connection never reach the engine's writers, and a
-    lookup made after a sync commits sees it (no snapshot held between lookups)."""
+    lookup made after a sync commits sees it."""
     engine, rows = directory
     lookup = DirectoryLookup(engine, threads=1)
     added = "nouvelle.adresse@pro.mssante.fr"
@@ -162,6 +166,72 @@ def test_a_failed_lookup_leaves_the_next_one_a_fresh_connection(tmp_path: Path) 
         address = lines[1].split("|")[1]
         found = lookup.lookup_blocking(address)
         assert found is not None and found.address == address
+    finally:
+        lookup.close()
+        engine.dispose()
+
+
+def _mailbox_directory(tmp_path: Path) -> tuple[Engine, Path, str]:
+    from directory_sync.database import make_engine, migrate
+
+    db = tmp_path / "directory.db"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate(engine)
+    lines = list(mssante_lines(5))
+    import_paths(engine, [write_extract(tmp_path / "m.txt", lines)])
+    return engine, db, lines[1].split("|")[1]
+
+
+def _set_service(engine: Engine, address: str, service: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE dir_mailbox SET service = ? WHERE address = ?", (service, address))
+
+
+def _checkpoint(db: Path) -> tuple[int, int]:
+    """(frames in the WAL, frames of it copied into the database file) after a passive checkpoint."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        _busy, logged, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return logged, copied
+
+
+def test_sqlite_lookups_in_a_burst_share_a_snapshot_ended_once_they_stop(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite only (PostgreSQL reads each lookup in a transaction of its own). Lookups that follow each other
+    read one snapshot; once they stop, it ends by itself: it no longer keeps the WAL from being checkpointed."""
+    engine, db, address = _mailbox_directory(tmp_path)
+    monkeypatch.setattr(lookup_module, "SNAPSHOT_SECONDS", 1.0)
+    monkeypatch.setattr(lookup_module, "BURST_GAP_SECONDS", 3600.0)  # every lookup in the test is in one burst
+    lookup = DirectoryLookup(engine, threads=1)
+    try:
+        first = lookup.lookup_blocking(address)
+        assert first is not None and first.service != "Nouveau service"
+        _set_service(engine, address, "Nouveau service")
+        again = lookup.lookup_blocking(address)
+        assert again is not None and again.service == first.service
+        logged, copied = _checkpoint(db)
+        assert copied < logged  # not past the snapshot
+        deadline = time.monotonic() + 30
+        while copied < logged and time.monotonic() < deadline:
+            time.sleep(0.05)
+            logged, copied = _checkpoint(db)
+        assert copied == logged
+        later = lookup.lookup_blocking(address)
+        assert later is not None and later.service == "Nouveau service"
+    finally:
+        lookup.close()
+        engine.dispose()
+
+
+def test_sqlite_a_lookup_after_a_pause_sees_the_last_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _db, address = _mailbox_directory(tmp_path)
+    monkeypatch.setattr(lookup_module, "SNAPSHOT_SECONDS", 3600.0)  # only the pause ends the snapshot
+    lookup = DirectoryLookup(engine, threads=1)
+    try:
+        assert lookup.lookup_blocking(address) is not None
+        _set_service(engine, address, "Nouveau service")
+        time.sleep(10 * lookup_module.BURST_GAP_SECONDS)
+        found = lookup.lookup_blocking(address)
+        assert found is not None and found.service == "Nouveau service"
     finally:
         lookup.close()
         engine.dispose()
