@@ -11,10 +11,10 @@ Why this shape:
   first line still wins a repeated key) as soon as it is complete, in all three strategies.
 - Into empty tables there is nothing to compare: one pass inserts, and the secondary
   indexes are built once at the end. A key already inserted in this run (a structure shared
-  by many lines) is not extracted again. While those indexes are built and the commit is
-  written (one core's work), the next extract of the same import, when it too goes into
-  empty tables, is read ahead by a worker (`_Ahead`); so is it, by line, while a re-import
-  applies its changes.
+  by many lines) is not extracted again. While the worker's last rows are copied, those
+  indexes built and the commit written (one core's work), the next extract of the same
+  import, when it too goes into empty tables, is read ahead by a worker (`_Ahead`); so is it,
+  by line, while a re-import applies its changes.
 - The daily file differs from yesterday's in a few lines, so a re-import works by line: each
   line's hash is kept on the row it fed (the line entity's: an activity names the
   practitioner and the structure its line fed); a re-import hashes each raw line, parses only
@@ -163,13 +163,15 @@ def import_paths(
 
 
 _CHECKPOINTER = """
-import sqlite3, sys
+import os, sqlite3, sys
+os.nice(19)
 db = sqlite3.connect(sys.argv[1], timeout=30)
 for _ in sys.stdin:
     print(*db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), flush=True)
 """
 """The checkpoint process: for each line it reads, a checkpoint, and SQLite's answer (busy, pages logged, pages
-copied) on a line."""
+copied) on a line. At the lowest CPU priority: it takes the CPU the sync leaves (the import waits for it only at
+its end, when nothing else runs)."""
 
 
 class _Checkpoints:
@@ -501,10 +503,13 @@ class _Run:
             self.progress(phase, self.source.size, self.source.size)
 
     def _extract(self, conn: Connection, phase: str, mode: str, sinks: list[Batches], raws: Batches | None = None,
-                 known: KnownLines | None = None) -> None:
+                 known: KnownLines | None = None, read_ahead: bool = False) -> None:
         """Every line's rows, per entity, into `sinks` (and in mode "lines" the new lines into `raws`): this
         process's part of the file first, then the worker's, copied from its scratch files one after the
-        other as the worker completes them, so that the first line of the file wins a repeated key."""
+        other as the worker completes them, so that the first line of the file wins a repeated key.
+
+        `read_ahead`: the next extract of the import is read ahead (`_Ahead`) as soon as the file is read, by
+        the worker (its last segment complete, before the copy of that segment) or by this process."""
         total = self.source.size
         progress = self.progress
         extraction, self.early = self.early, None
@@ -527,10 +532,15 @@ class _Run:
                     progress(phase, chunk.bytes_read, total)
             for batch in (*sinks, *([] if raws is None else [raws])):
                 batch.flush()
+            last = len(extraction.sides or []) - 1
             for i, side in enumerate(extraction.segments(
                     None if progress is None else (lambda done: progress(phase, done, total)))):
+                if read_ahead and i == last and self.ahead is not None:  # the worker is done: its core is free
+                    self.ahead.start(self.source, self.entities)
                 self._copy_side(conn, i, side, mode, sinks, raws, extraction.offset)
             extraction.finish()
+            if read_ahead and self.ahead is not None:  # without a worker (nothing if started above)
+                self.ahead.start(self.source, self.entities)
         finally:
             extraction.close()
         self._done(phase)
@@ -589,9 +599,7 @@ class _Run:
         dropped = [idx for e in self.entities for idx in e.table.indexes]
         for idx in dropped:
             idx.drop(conn)
-        self._extract(conn, "load", "load", inserts)
-        if self.ahead is not None:
-            self.ahead.start(self.source, self.entities)
+        self._extract(conn, "load", "load", inserts, read_ahead=True)
         if pg:
             for i, e in enumerate(self.entities):
                 conn.exec_driver_sql(f"INSERT INTO {e.table.name} ({', '.join(e.spec.columns)}) "
@@ -618,9 +626,7 @@ class _Run:
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE dir_stage_raw (line INTEGER PRIMARY KEY, raw {blob} NOT NULL)"
                              f"{' ON COMMIT DROP' if blob == 'BYTEA' else ''}")
         raws = Batches(conn, f"INSERT INTO dir_stage_raw (line, raw) VALUES ({marks(conn, 2)})")
-        self._extract(conn, "compare", "lines", stage, raws, known)
-        if self.ahead is not None:
-            self.ahead.start(self.source, self.entities)
+        self._extract(conn, "compare", "lines", stage, raws, known, read_ahead=True)
 
         # The rows whose line disappeared, and the keys they name: candidates for deletion.
         removed = Batches(conn, f"INSERT INTO dir_stage_removed (h) VALUES ({marks(conn, 1)}) "
