@@ -25,6 +25,7 @@ import datetime as dt
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -144,8 +145,7 @@ class DirectoryLookup:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._closing.set()
-        self._opened.set()
+        _stop_ending(self._opened, self._closing)
         if self._ender is not None:
             self._ender.join()
         with self._lock:
@@ -173,9 +173,11 @@ class DirectoryLookup:
         with self._lock:
             self._readers.append(reader)
             if self._sqlite and self._ender is None:
-                self._ender = threading.Thread(target=self._end_idle_snapshots, name="dir-lookup-snapshots",
-                                               daemon=True)
+                self._ender = threading.Thread(
+                    target=_end_idle_snapshots, name="dir-lookup-snapshots", daemon=True,
+                    args=(self._readers, self._lock, self._opened, self._closing, self._errors))
                 self._ender.start()
+                weakref.finalize(self, _stop_ending, self._opened, self._closing)  # collected unclosed
         return reader
 
     def _drop_reader(self) -> None:
@@ -219,26 +221,34 @@ class DirectoryLookup:
         return Recipient(addr, mtype, id_nat_ps, rpps, civility, last, first, profession, sid, sname, service,
                          bool(red), certificates)
 
-    def _end_idle_snapshots(self) -> None:
-        """SQLite: end the snapshots of the connections whose lookups stopped (a reader keeps the WAL from being
-        checkpointed past its snapshot), SNAPSHOT_SECONDS after one began; asleep while none is open."""
-        while self._opened.wait() and not self._closing.wait(SNAPSHOT_SECONDS):
-            self._opened.clear()
-            with self._lock:
-                readers = list(self._readers)
-            for reader in readers:
-                if not reader.lock.acquire(blocking=False):  # a lookup is running: its snapshot stays for now
-                    self._opened.set()
-                    continue
-                try:
-                    if not reader.reusable(time.monotonic()):
-                        reader.end_snapshot()
-                except self._errors as exc:  # its thread's next lookup fails and opens a new connection
-                    log.warning("could not end a directory lookup snapshot: %s", type(exc).__name__)
-                finally:
-                    if reader.began is not None:
-                        self._opened.set()
-                    reader.lock.release()
+
+def _end_idle_snapshots(readers: list[_Reader], lock: threading.Lock, opened: threading.Event,
+                        closing: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
+    """SQLite, a thread of its own: end the snapshots of the `readers` whose lookups stopped (an open snapshot keeps
+    the WAL from being checkpointed past it), SNAPSHOT_SECONDS after one began (`opened`); asleep while none is
+    open, until `closing`. It holds nothing of its DirectoryLookup, which may then be collected unclosed."""
+    while opened.wait() and not closing.wait(SNAPSHOT_SECONDS):
+        opened.clear()
+        with lock:
+            current = list(readers)
+        for reader in current:
+            if not reader.lock.acquire(blocking=False):  # a lookup is running: its snapshot stays for now
+                opened.set()
+                continue
+            try:
+                if not reader.reusable(time.monotonic()):
+                    reader.end_snapshot()
+            except errors as exc:  # its thread's next lookup fails and opens a new connection
+                log.warning("could not end a directory lookup snapshot: %s", type(exc).__name__)
+            finally:
+                if reader.began is not None:
+                    opened.set()
+                reader.lock.release()
+
+
+def _stop_ending(opened: threading.Event, closing: threading.Event) -> None:
+    closing.set()
+    opened.set()
 
 
 def _usable(certificates: list[Any], when: dt.datetime) -> tuple[RecipientCertificate, ...]:

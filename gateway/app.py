@@ -129,6 +129,7 @@ class Gateway:
         await self.lmtp.close()
         if self.dovecot is not None:
             await self.dovecot.stop()
+        self.directory.close()
         self.engine.dispose()
         self.bookkeeping.dispose()
         log.info("gateway stopped")

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -235,3 +237,16 @@ def test_sqlite_a_lookup_after_a_pause_sees_the_last_commit(tmp_path: Path, monk
     finally:
         lookup.close()
         engine.dispose()
+
+
+def test_sqlite_a_lookup_collected_unclosed_leaves_no_thread(tmp_path: Path) -> None:
+    engine, _db, address = _mailbox_directory(tmp_path)
+    before = set(threading.enumerate())
+    lookup = DirectoryLookup(engine, threads=1)
+    assert lookup.lookup_blocking(address) is not None
+    (ender,) = [t for t in set(threading.enumerate()) - before if t.name == "dir-lookup-snapshots"]
+    del lookup
+    gc.collect()
+    ender.join(timeout=30)
+    assert not ender.is_alive()
+    engine.dispose()
