@@ -92,6 +92,8 @@ SNAPSHOT_SECONDS = 0.05
 BURST_GAP_SECONDS = 0.001
 """SQLite: a lookup that starts within this of the end of the one before on its connection reads from that one's
 snapshot (while it is younger than SNAPSHOT_SECONDS); after a longer pause, from a new one."""
+IDLE_CHECK_SECONDS = 0.5
+"""SQLite: how often, while a snapshot is open, the thread that ends idle ones looks (seldom: it takes the GIL)."""
 
 
 class _Reader:
@@ -225,9 +227,9 @@ class DirectoryLookup:
 def _end_idle_snapshots(readers: list[_Reader], lock: threading.Lock, opened: threading.Event,
                         closing: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
     """SQLite, a thread of its own: end the snapshots of the `readers` whose lookups stopped (an open snapshot keeps
-    the WAL from being checkpointed past it), SNAPSHOT_SECONDS after one began (`opened`); asleep while none is
+    the WAL from being checkpointed past it), every IDLE_CHECK_SECONDS once one began (`opened`); asleep while none is
     open, until `closing`. It holds nothing of its DirectoryLookup, which may then be collected unclosed."""
-    while opened.wait() and not closing.wait(SNAPSHOT_SECONDS):
+    while opened.wait() and not closing.wait(IDLE_CHECK_SECONDS):
         opened.clear()
         with lock:
             current = list(readers)

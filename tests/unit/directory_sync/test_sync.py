@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -342,6 +343,20 @@ def test_an_import_checkpoints_after_each_extract_in_a_process_and_leaves_nothin
     assert checkpoints[2] == checkpoints[1]  # the pages the process copied: none left
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 1000
+
+
+def test_the_checkpoint_process_takes_only_the_cpu_the_sync_leaves(tmp_path: Path) -> None:
+    """SQLite only (PostgreSQL starts none): the checkpoint process runs at the lowest CPU priority."""
+    from directory_sync.database import make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'directory.db'}")
+    migrate(engine)
+    with sync._Checkpoints(engine, 2) as checkpoints:
+        checkpoints.start()
+        checkpoints.wait()  # it has answered: it runs
+        assert checkpoints._process is not None
+        assert os.getpriority(os.PRIO_PROCESS, checkpoints._process.pid) == 19
+    engine.dispose()
 
 
 def test_an_import_whose_checkpoint_process_ends_still_syncs_and_checkpoints_at_its_end(
