@@ -13,6 +13,7 @@ gateway runs without interleaving its APDUs with a signature.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ _REMOVED = {
 }
 _NO_CARD = {scard.SCARD_E_NO_SMARTCARD}
 _SCARD_PRESENT = 0x0004  # pcsc-lite's SCardStatus card-state bit (pyscard does not export it)
+# pcscd learns of a removal by polling the reader (every 400 ms for vpcd): an R-APDU cut short by the removal
+# can come back before pcscd's state says the card has gone.
+_REMOVAL_NOTICE_SECONDS = 2.0
+_REMOVAL_POLL_SECONDS = 0.05
 
 
 def _u32(code: int) -> int:
@@ -86,10 +91,16 @@ class PcscCard:
         return bytes(response)
 
     def _raise_if_gone(self) -> None:
-        hresult, _reader, state, _protocol, _atr = scard.SCardStatus(self._handle)
-        _check("SCardStatus", hresult, self.reader)
-        if not state & _SCARD_PRESENT:
-            raise CardRemoved(self.reader)
+        """Raise `CardRemoved` if the card goes from the reader within the time pcscd takes to notice."""
+        deadline = time.monotonic() + _REMOVAL_NOTICE_SECONDS
+        while True:
+            hresult, _reader, state, _protocol, _atr = scard.SCardStatus(self._handle)
+            _check("SCardStatus", hresult, self.reader)
+            if not state & _SCARD_PRESENT:
+                raise CardRemoved(self.reader)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_REMOVAL_POLL_SECONDS)
 
     def begin_transaction(self) -> None:
         """Exclusive use of the card for a sequence of APDUs (SCardBeginTransaction)."""

@@ -63,9 +63,15 @@ def stack(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         pcsc.stop()
 
 
+@pytest.fixture(autouse=True)
+def card_in_reader(stack: PcscStack) -> None:
+    """Each test starts with the card in the reader and answering at full speed, whatever the last one left."""
+    stack.set_latency(0)
+    stack.insert()
+
+
 @pytest.fixture()
 async def session(stack: PcscStack) -> AsyncIterator[CardSession]:
-    stack.set_latency(0)
     card = CardSession(stack.reader, timeout=10)
     try:
         yield card
