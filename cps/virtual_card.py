@@ -16,7 +16,8 @@ only ever connects to 127.0.0.1.
 Removing the card closes the connection (vpcd sees the card gone); inserting it connects again.
 
 Control on stdin, one command a line (tests and operators): `remove`, `insert`, `latency SECONDS`,
-`quit`. Each is answered on stdout with `ok <command>`. EOF on stdin is ignored (background use).
+`truncate` (the next R-APDU is cut to its first byte, as by a card that fails mid-answer), `quit`. Each is
+answered on stdout with `ok <command>`. EOF on stdin is ignored (background use).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class VirtualCardLink:
         self._inserted = threading.Event()
         self._stop = threading.Event()
         self._conn: socket.socket | None = None
+        self.truncate_next = False
         self._thread = threading.Thread(target=self._run, name="virtual-card", daemon=True)
         self.apdus = 0
 
@@ -131,7 +133,11 @@ class VirtualCardLink:
                 return self.card.atr
             return None
         self.apdus += 1
-        return self.card.process(payload)
+        reply = self.card.process(payload)
+        if self.truncate_next:
+            self.truncate_next = False
+            return reply[:1]
+        return reply
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
@@ -173,6 +179,8 @@ def _control(server: VirtualCardLink) -> None:
             server.insert()
         elif words[0] == "latency" and len(words) == 2:
             server.card.latency = float(words[1])
+        elif words[0] == "truncate":
+            server.truncate_next = True
         elif words[0] == "quit":
             print("ok quit", flush=True)
             return

@@ -27,6 +27,7 @@ from pcsc_support import PcscStack, PracticeCardFiles
 from cps.errors import (
     CardRemoved,
     CardTimeout,
+    MalformedResponse,
     NoCardPresent,
     PinBlocked,
     PinIncorrect,
@@ -190,6 +191,22 @@ async def test_removal_during_a_signature_then_reinsertion(session: CardSession,
     public = signer.certificate.public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     public.verify(signature, b"after reinsertion", padding.PKCS1v15(), hashes.SHA256())
+
+
+async def test_a_short_answer_from_a_card_still_in_the_reader_is_malformed(session: CardSession,
+                                                                           stack: PcscStack) -> None:
+    """A short R-APDU is not taken for a removal while the card stays in the reader: after the time pcscd
+    takes to notice a removal, it is a malformed answer, and the card, still unlocked, serves the next one."""
+    await session.status()
+    await session.unlock(PIN)
+    signer = session.signer()
+    stack.control("truncate")
+    started = time.monotonic()
+    with pytest.raises(MalformedResponse, match="R-APDU of 1 bytes"):
+        await signer.sign(b"answered with one byte")
+    assert time.monotonic() - started >= 1.5  # it waited for pcscd to see whether the card had gone
+    assert (await session.status()).unlocked
+    assert _verifies(signer, await signer.sign(b"next"), b"next")
 
 
 async def test_card_swapped_between_operations_asks_for_the_pin(session: CardSession, stack: PcscStack) -> None:
