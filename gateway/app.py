@@ -129,7 +129,7 @@ class Gateway:
         await self.lmtp.close()
         if self.dovecot is not None:
             await self.dovecot.stop()
-        self.directory.close()
+        await asyncio.to_thread(self.directory.close)  # waits for its lookup threads
         self.engine.dispose()
         self.bookkeeping.dispose()
         log.info("gateway stopped")
